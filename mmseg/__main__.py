@@ -1,0 +1,5 @@
+import sys
+
+from mmseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""Frozen configuration dataclasses.
+
+The whole model is described by one :class:`ModelConfig` (vision tower, LM, projector, mask head) and a run by
+one :class:`TrainConfig`. Presets are JSON files in ``mmseg/configs``; unknown keys fail loudly so a typo in a
+preset never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """Build a dataclass from ``data``, refusing keys the dataclass does not have."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Vision tower. ``kind`` picks the adapter:
+
+    - ``open_clip``: ``name`` is an open_clip architecture (``ViT-B-16``) with an optional ``pretrained`` tag
+      or local weights file; with ``name=None`` a tiny ViT is built from ``width/layers/heads``.
+    - ``hf``: ``name`` is a Hugging Face id or local folder of a CLIP/SigLIP (or any ``AutoModel``) vision model.
+
+    ``hf_config`` is filled in when a model is saved so that reloading never needs the hub.
+    """
+
+    kind: str = "open_clip"
+    name: str | None = None
+    pretrained: str | None = None
+    image_size: int = 128
+    patch_size: int = 16
+    width: int = 192
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    feature_layer: int = -1  # hf towers: which hidden state to read (-2 = penultimate, as LLaVA)
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    hf_config: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """Causal LM: a Hugging Face id/local folder (``name``), or a tiny model built from the fields below.
+
+    ``hf_config`` (filled at save time) is the full transformers config, so a saved model reloads offline.
+    """
+
+    name: str | None = None
+    model_type: str = "qwen2"
+    hidden_size: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 4
+    intermediate_size: int = 768
+    max_position_embeddings: int = 1024
+    hf_config: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The whole model. ``head`` is ``{"name": <registered head>, **that head's options}``."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    head: dict[str, Any] = field(default_factory=lambda: {"name": "stamp"})
+    tokenizer: str | None = None  # a tokenizer folder/id; None = the LM's own, or a trained byte-level BPE for tiny LMs
+    max_text_tokens: int = 128
+
+    @property
+    def head_name(self) -> str:
+        return str(self.head.get("name", ""))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        data = dict(data)
+        vision = _from_dict(VisionConfig, data.pop("vision", {}), "model.vision")
+        if isinstance(vision.mean, list) or isinstance(vision.std, list):
+            vision = dataclasses.replace(vision, mean=tuple(vision.mean), std=tuple(vision.std))
+        lm = _from_dict(LMConfig, data.pop("lm", {}), "model.lm")
+        head = data.pop("head", {"name": "stamp"})
+        if not isinstance(head, dict) or "name" not in head:
+            raise ValueError('model.head: expected a mapping with a "name" key, e.g. {"name": "stamp"}')
+        return _from_dict(cls, {**data, "vision": vision, "lm": lm, "head": dict(head)}, "model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Steps are optimizer steps; ``max_minutes`` stops early on wall time."""
+
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    max_steps: int = 20000
+    max_minutes: float | None = None
+    grad_clip: float = 1.0
+    mixed_precision: str = "bf16"  # "no" | "bf16" | "fp16"
+    qa_fraction: float = 0.2  # share of understanding (QA) samples mixed into each epoch
+    eval_every: int = 500
+    eval_samples: int = 256
+    save_every: int = 500
+    log_every: int = 20
+    seed: int = 0
+    num_workers: int = 0
+    vocab_size: int = 1024  # byte-level BPE size when a tokenizer is trained for a tiny LM
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: ModelConfig
+    train: TrainConfig
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in ``mmseg/configs``."""
+    folder = resources.files("mmseg") / "configs"
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name_or_path: str | Path) -> Preset:
+    """Load a preset by name (``tiny-stamp``) or from a JSON file path."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.is_file():
+        text, name = path.read_text(), path.stem
+    else:
+        valid = list_presets()
+        if str(name_or_path) not in valid:
+            raise ValueError(f"unknown preset {str(name_or_path)!r}; valid presets: {', '.join(valid)} (or a path to a .json file)")
+        text = (resources.files("mmseg") / "configs" / f"{name_or_path}.json").read_text()
+        name = str(name_or_path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"preset {name!r} is not valid JSON: {err}") from None
+    unknown = sorted(set(data) - {"model", "train"})
+    if unknown:
+        raise ValueError(f"preset {name!r}: unknown top-level key(s) {unknown}; valid: ['model', 'train']")
+    return Preset(
+        name=name,
+        model=ModelConfig.from_dict(data.get("model", {})),
+        train=_from_dict(TrainConfig, data.get("train", {}), f"preset {name}.train"),
+    )

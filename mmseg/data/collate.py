@@ -1,0 +1,92 @@
+"""Training examples and batching: (image, prompt, answer, mask) -> the model's batch dict."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mmseg.data.prompts import segment_answer, segment_prompt
+from mmseg.imageio import load_image
+from mmseg.modeling.heads.base import MaskHead
+from mmseg.processing import Processor
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training conversation turn. ``mask``: bool ``(H, W)`` at the original size, None when the answer
+    refers to no mask."""
+
+    image_path: Path
+    prompt: str
+    answer: str
+    mask: np.ndarray | None
+
+
+class ExamplePool:
+    """Referring-segmentation samples and QA pairs of one split, drawn by index with a caller's RNG."""
+
+    def __init__(self, refer, qa: Sequence[dict], image_root: Path) -> None:
+        self.refer = refer
+        self.qa = list(qa)
+        self.image_root = Path(image_root)
+
+    def segmentation(self, index: int, rng: random.Random) -> Example:
+        sample = self.refer[index]
+        mask = sample.mask if sample.has_target else None
+        return Example(sample.image_path, segment_prompt(sample.sentence, rng), segment_answer(sample.has_target), mask)
+
+    def question(self, index: int) -> Example:
+        item = self.qa[index]
+        return Example(self.image_root / item["file_name"], item["question"], item["answer"], None)
+
+    def draw(self, rng: random.Random, qa_fraction: float) -> Example:
+        if self.qa and rng.random() < qa_fraction:
+            return self.question(rng.randrange(len(self.qa)))
+        return self.segmentation(rng.randrange(len(self.refer)), rng)
+
+
+class Collator:
+    """Turns examples into a right-padded batch for :meth:`MMSegModel.forward`.
+
+    Keys: ``input_ids, attention_mask, labels (B, T)``, ``pixel_values (B, 3, S, S)``,
+    ``mask_targets (B, S, S)`` in {0, 1} placed like the letterboxed image, ``seg_positions (B,)``
+    (index of the first ``<seg>`` in the text, -1 if none).
+    """
+
+    def __init__(self, processor: Processor, head: MaskHead) -> None:
+        self.processor = processor
+        self.head = head
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        proc = self.processor
+        rows, labels, pixels, targets = [], [], [], []
+        for ex in examples:
+            px, box = proc.preprocess_image(load_image(ex.image_path))
+            target = proc.transform.mask_to_input(ex.mask, box) if ex.mask is not None else torch.zeros(proc.image_size, proc.image_size)
+            ids, lab = proc.encode_chat([{"role": "user", "content": ex.prompt}], ex.answer)
+            ids, lab = self.head.expand_targets(ids, lab, target if ex.mask is not None else None)
+            rows.append(ids)
+            labels.append(lab)
+            pixels.append(px)
+            targets.append(target)
+        width = max(len(r) for r in rows)
+        b = len(rows)
+        input_ids = torch.full((b, width), proc.pad_token_id, dtype=torch.long)
+        label_ids = torch.full((b, width), -100, dtype=torch.long)
+        attention = torch.zeros(b, width, dtype=torch.long)
+        seg_positions = torch.full((b,), -1, dtype=torch.long)
+        for i, (ids, lab) in enumerate(zip(rows, labels)):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            label_ids[i, : len(lab)] = torch.tensor(lab)
+            attention[i, : len(ids)] = 1
+            if proc.seg_token_id in ids:
+                seg_positions[i] = ids.index(proc.seg_token_id)
+        return {
+            "input_ids": input_ids, "attention_mask": attention, "labels": label_ids,
+            "pixel_values": torch.stack(pixels), "mask_targets": torch.stack(targets), "seg_positions": seg_positions,
+        }

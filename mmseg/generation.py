@@ -1,0 +1,159 @@
+"""One batched greedy decode loop with a KV cache that hands off to the mask head.
+
+Rows are left-padded; every forward gets an explicit 4D boolean attention mask (True = may attend) and explicit
+position ids, so padding never shifts positions and no row is ever fully blocked (SDPA returns NaN for those).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from mmseg.modeling.heads.base import MaskPrediction
+from mmseg.modeling.model import MMSegModel
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+@dataclass
+class DecodeSession:
+    """The live state of one batched generation, as a head sees it.
+
+    ``cache_valid (B, L)``: which cache slots hold real tokens (False for left padding and for steps fed to
+    rows that had already finished). ``cache_positions (B, L)``: the position id of each slot.
+    ``mask_points[b]``: cache indices of the ``<seg>`` tokens row ``b`` emitted.
+    """
+
+    model: MMSegModel
+    cache: object
+    image_features: torch.Tensor  # (B, P, D)
+    pixel_values: torch.Tensor  # (B, 3, S, S)
+    cache_valid: torch.Tensor
+    cache_positions: torch.Tensor
+    tokens: list[list[int]] = field(default_factory=list)
+    mask_points: list[list[int]] = field(default_factory=list)
+    options: dict = field(default_factory=dict)  # per-call head options, e.g. keep_tokens
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache_valid.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache_valid.device
+
+    @property
+    def cache_length(self) -> int:
+        return self.cache_valid.shape[1]
+
+    def positions_of(self, cache_index: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` cache indices -> their ``(B,)`` position ids."""
+        return self.cache_positions.gather(1, cache_index[:, None])[:, 0]
+
+    def feed(self, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Append ``embeds (B, n, D)`` to the cache, causal among themselves; returns hidden ``(B, n, D)``."""
+        n = embeds.shape[1]
+        new = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()[None] & valid[:, None, :]
+        new = new | torch.eye(n, dtype=torch.bool, device=self.device)[None]
+        old = self.cache_valid[:, None, :].expand(-1, n, -1)
+        hidden = self._run(embeds, torch.cat([old, new], dim=-1)[:, None], positions)
+        self.cache_valid = torch.cat([self.cache_valid, valid], dim=1)
+        self.cache_positions = torch.cat([self.cache_positions, positions], dim=1)
+        return hidden
+
+    def run_extra(self, embeds: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run positions that must not stay in the cache (e.g. STAMP's mask queries): ``attention (B, 1, Q, L+Q)``.
+        The cache is cropped back to its previous length afterwards. Returns hidden ``(B, Q, D)``."""
+        q = embeds.shape[1]
+        hidden = self._run(embeds, attention, positions)
+        self.cache.crop(-q)
+        return hidden
+
+    def _run(self, embeds: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model.decoder(
+            inputs_embeds=embeds.to(self.model.lm.dtype), attention_mask=attention, position_ids=positions,
+            past_key_values=self.cache, use_cache=True,
+        )
+        return out.last_hidden_state
+
+
+@dataclass
+class Generation:
+    """What :func:`generate` returns: per-row answer token ids, per-row masks and stage timings (ms)."""
+
+    tokens: list[list[int]]
+    masks: list[list[MaskPrediction]]
+    timings: dict[str, float]
+
+
+@torch.inference_mode()
+def generate(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor, *, eos_token_id: int,
+             pad_token_id: int, mask_token_id: int, max_new_tokens: int = 48, options: dict | None = None) -> Generation:
+    """Greedy decoding of a batch of prompts (token ids with ``<image>`` already expanded).
+
+    ``mask_token_id`` is the token that opens a mask point in the text (``<seg>``). Text generation runs to
+    ``eos`` (or ``max_new_tokens``) for every row; then the head decodes every mask point.
+    """
+    from transformers import DynamicCache
+
+    device = model.device
+    b = len(prompts)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long, device=device)
+    valid = torch.zeros(b, width, dtype=torch.bool, device=device)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, width - len(prompt):] = torch.tensor(list(prompt), device=device)
+        valid[i, width - len(prompt):] = True
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    features = model.image_features(pixel_values.to(device))
+    timings["vision_ms"] = _ms(start)
+
+    start = time.perf_counter()
+    embeds, features = model.embed_inputs(input_ids, features=features)
+    session = DecodeSession(
+        model=model, cache=DynamicCache(config=model.lm.config), image_features=features, pixel_values=pixel_values.to(device),
+        cache_valid=torch.zeros(b, 0, dtype=torch.bool, device=device),
+        cache_positions=torch.zeros(b, 0, dtype=torch.long, device=device),
+        tokens=[[] for _ in range(b)], mask_points=[[] for _ in range(b)], options=dict(options or {}),
+    )
+    hidden = session.feed(embeds, positions, valid)
+    output_layer: nn.Module = model.lm.get_output_embeddings()
+    embed_layer: nn.Module = model.lm.get_input_embeddings()
+    logits = output_layer(hidden[:, -1]).float()
+    timings["prefill_ms"] = _ms(start)
+
+    start = time.perf_counter()
+    next_pos = positions[:, -1] + 1
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        logits = model.head.constrain(session, logits)
+        chosen = logits.argmax(-1)
+        chosen = torch.where(finished, torch.full_like(chosen, pad_token_id), chosen)
+        alive = ~finished
+        for row in alive.nonzero()[:, 0].tolist():
+            token = int(chosen[row])
+            if token != eos_token_id:
+                session.tokens[row].append(token)
+            if token == mask_token_id:
+                session.mask_points[row].append(session.cache_length)  # the slot this token is about to take
+        finished = finished | (chosen == eos_token_id)
+        if bool(finished.all()):
+            break
+        hidden = session.feed(embed_layer(chosen)[:, None], next_pos[:, None], alive[:, None])
+        next_pos = next_pos + 1
+        logits = output_layer(hidden[:, -1]).float()
+    timings["text_ms"] = _ms(start)
+
+    start = time.perf_counter()
+    masks = model.head.decode(session)
+    timings["mask_ms"] = _ms(start)
+    return Generation(session.tokens, masks, timings)

@@ -1,0 +1,127 @@
+"""The mask-head contract: the only thing the model, the decode loop, the evaluator and the UI know about a head.
+
+``<seg>`` is the universal mask placeholder in answer text. Each head says how ``<seg>`` is realised:
+
+- at training time, ``expand_targets`` rewrites one sample's token ids (e.g. HiMTok puts its 32 mask tokens
+  there), ``extra_inputs`` may append positions after the text (e.g. STAMP's mask queries), and ``loss`` adds
+  the head's own terms to the shared text cross-entropy;
+- at inference, ``constrain`` may restrict next-token logits during generation and ``decode`` turns the
+  finished :class:`~mmseg.generation.DecodeSession` into one :class:`MaskPrediction` per mask point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from mmseg.generation import DecodeSession
+
+
+@dataclass
+class MaskPrediction:
+    """One predicted mask. ``logits`` is ``(h, w)`` float over the model's SQUARE input (letterbox included);
+    the predictor maps it to the original image size. ``info`` carries head-specific facts for the answer
+    (e.g. how many tokens were kept, or when a shaper invoked)."""
+
+    logits: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExtraInputs:
+    """Positions a head appends after the (padded) text during training.
+
+    ``embeds (B, Q, D)``; ``attention (B, Q, T + Q)`` bool, True = may attend (rows for text never see these
+    positions); ``position_ids (B, Q)``.
+    """
+
+    embeds: torch.Tensor
+    attention: torch.Tensor
+    position_ids: torch.Tensor
+
+
+class MaskHead(nn.Module):
+    """Base class of every mask head."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+
+    @classmethod
+    def special_tokens_for(cls, config: Any) -> list[str]:
+        """Tokens a head with this config adds to the vocabulary (besides the shared ``<seg>``). A classmethod
+        because the tokenizer is made before the head is built."""
+        return []
+
+    def special_tokens(self) -> list[str]:
+        return self.special_tokens_for(self.config)  # type: ignore[attr-defined]
+
+    def bind(self, processor: Any, lm: nn.Module) -> None:
+        """Called once the tokenizer and LM exist: look up token ids, initialise new embedding rows."""
+
+    def expand_targets(self, input_ids: list[int], labels: list[int], mask: torch.Tensor | None) -> tuple[list[int], list[int]]:
+        """Training: rewrite one sample's ids/labels where ``<seg>`` stands. ``mask`` is ``(S, S)`` in {0,1} or None."""
+        return input_ids, labels
+
+    def extra_inputs(self, batch: dict[str, torch.Tensor], image_features: torch.Tensor) -> ExtraInputs | None:
+        """Training: positions appended after the text (None when the head needs none)."""
+        return None
+
+    def loss(self, batch: dict[str, torch.Tensor], text_hidden: torch.Tensor, text_logits: torch.Tensor,
+             extra_hidden: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The head's weighted loss terms; the model adds the text cross-entropy."""
+        raise NotImplementedError
+
+    def constrain(self, session: "DecodeSession", logits: torch.Tensor) -> torch.Tensor:
+        """Generation: adjust next-token logits ``(B, V)`` (identity by default)."""
+        return logits
+
+    def decode(self, session: "DecodeSession") -> list[list[MaskPrediction]]:
+        """Inference: one list of masks per row, one mask per ``<seg>`` (or the head's equivalent) it emitted."""
+        raise NotImplementedError
+
+    def save_assets(self, folder: Path) -> None:
+        """Write files the head needs besides its weights (e.g. a mask tokenizer)."""
+
+    def options(self) -> dict[str, Any]:
+        """The head's config as a dict (stored in the model config)."""
+        import dataclasses
+
+        return {"name": self.name, **dataclasses.asdict(self.config)}  # type: ignore[attr-defined]
+
+
+HEADS: dict[str, type[MaskHead]] = {}
+
+
+def register_head(cls: type[MaskHead]) -> type[MaskHead]:
+    """Class decorator adding a head to :data:`HEADS` under ``cls.name``."""
+    HEADS[cls.name] = cls
+    return cls
+
+
+def list_heads() -> list[str]:
+    return sorted(HEADS)
+
+
+def head_config(options: dict[str, Any]) -> tuple[type[MaskHead], Any]:
+    """Validate ``{"name": ..., **options}`` -> (head class, its config dataclass)."""
+    from mmseg.config import _from_dict
+
+    options = dict(options)
+    name = options.pop("name", None)
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; valid heads: {', '.join(list_heads())}")
+    cls = HEADS[name]
+    return cls, _from_dict(cls.config_cls, options, f"head {name}")
+
+
+def build_head(options: dict[str, Any], hidden_size: int, image_size: int, grid_size: tuple[int, int],
+               asset_dir: Path | None = None) -> MaskHead:
+    """Build the head ``options["name"]`` names, validating its options against the head's config class."""
+    cls, config = head_config(options)
+    factory: Callable[..., MaskHead] = cls
+    return factory(config, hidden_size=hidden_size, image_size=image_size, grid_size=grid_size, asset_dir=asset_dir)

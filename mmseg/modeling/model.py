@@ -1,0 +1,124 @@
+"""MMSegModel: vision tower -> projector -> causal LM, plus one mask head. Parts come in through the constructor."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmseg.config import ModelConfig
+from mmseg.modeling.heads.base import MaskHead
+from mmseg.modeling.projector import MLPProjector
+from mmseg.modeling.vision import VisionTower
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def causal_text_attention(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` padding mask -> ``(B, T, T)`` bool: causal over valid tokens; every row may see itself so that
+    padded rows are never fully blocked (SDPA returns NaN for a row that attends nothing)."""
+    t = attention_mask.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
+    eye = torch.eye(t, dtype=torch.bool, device=attention_mask.device)
+    return (causal[None] & attention_mask.bool()[:, None, :]) | eye[None]
+
+
+class MMSegModel(nn.Module):
+    """The LLaVA-style backbone with a mask head.
+
+    ``forward(batch)`` returns the training losses; inference goes through :mod:`mmseg.generation`.
+    Batch keys: ``input_ids (B, T)``, ``attention_mask (B, T)``, ``labels (B, T)`` (-100 = no loss),
+    ``pixel_values (B, 3, S, S)``, ``mask_targets (B, S, S)`` in {0, 1}, ``seg_positions (B,)`` (-1 = none).
+    """
+
+    def __init__(self, config: ModelConfig, vision: VisionTower, projector: MLPProjector, lm: nn.Module,
+                 head: MaskHead, image_token_id: int) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.projector = projector
+        self.lm = lm
+        self.head = head
+        self.image_token_id = image_token_id
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The LM without its output layer: gives normalised last hidden states."""
+        return self.lm.get_decoder()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S) -> (B, P, D)`` projected patch features."""
+        return self.projector(self.vision(pixel_values))
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with image features scattered into the ``<image>`` placeholders.
+
+        Pass ``pixel_values (B, 3, S, S)`` or precomputed ``features (B, P, D)``.
+        Returns ``(inputs_embeds (B, T, D), image_features (B, P, D))``.
+        """
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        if features is None:
+            features = self.image_features(pixel_values)
+        features = features.to(embeds.dtype)
+        placeholders = input_ids == self.image_token_id  # (B, T)
+        counts = placeholders.sum(1)
+        if bool((counts != features.shape[1]).any()):
+            raise ValueError(
+                f"image placeholder count {counts.tolist()} does not match the {features.shape[1]} image patches per "
+                "row; the processor must expand <image> to one placeholder per patch"
+            )
+        embeds = embeds.masked_scatter(placeholders[..., None].expand_as(embeds), features)
+        return embeds, features
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        input_ids, attention = batch["input_ids"], batch["attention_mask"]
+        b, t = input_ids.shape
+        embeds, features = self.embed_inputs(input_ids, batch["pixel_values"])
+        rows = causal_text_attention(attention)  # (B, T, T)
+        positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
+        extra = self.head.extra_inputs(batch, features)
+        if extra is not None:
+            q = extra.embeds.shape[1]
+            rows = torch.cat([F.pad(rows, (0, q), value=False), extra.attention], dim=1)  # text never sees extras
+            embeds = torch.cat([embeds, extra.embeds.to(embeds.dtype)], dim=1)
+            positions = torch.cat([positions, extra.position_ids], dim=1)
+        hidden = self.decoder(
+            inputs_embeds=embeds, attention_mask=rows[:, None], position_ids=positions, use_cache=False
+        ).last_hidden_state
+        text_hidden = hidden[:, :t]
+        logits = self.lm.get_output_embeddings()(text_hidden)
+        labels = batch["labels"]
+        text_ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        losses = {"text_ce": text_ce}
+        losses.update(self.head.loss(batch, text_hidden, logits, hidden[:, t:] if extra is not None else None))
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    # -- persistence ------------------------------------------------------------------------------------
+    def saved_config(self) -> ModelConfig:
+        """This model's config with the full LM/vision configs inlined, so reloading never needs the hub."""
+        lm = dataclasses.replace(self.config.lm, hf_config=self.lm.config.to_dict())
+        vision = self.vision.saved_config(self.config.vision)
+        return dataclasses.replace(self.config, lm=lm, vision=vision, head=self.head.options())
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        from safetensors.torch import save_model
+
+        from mmseg import __version__
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        payload = {"mmseg_version": __version__, "architecture": "MMSegModel", "model": self.saved_config().to_dict()}
+        (folder / CONFIG_FILE).write_text(json.dumps(payload, indent=2, default=list))
+        save_model(self, str(folder / WEIGHTS_FILE))  # handles tied embeddings
+        self.head.save_assets(folder)

@@ -1,0 +1,246 @@
+"""Training on Hugging Face Accelerate: the same code runs on one CPU, ``accelerate launch --num_processes 2``
+(gloo on CPU) and multi-GPU.
+
+Batches are drawn from (seed, step), each process taking its slice of the global batch, so a resumed run
+sees exactly the data an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from mmseg.config import Preset
+from mmseg.data.collate import Collator, ExamplePool
+from mmseg.data.prompts import NO_TARGET_ANSWER, SEGMENT_TEMPLATES, TARGET_ANSWER
+from mmseg.data.refer import ReferDataset, read_qa
+from mmseg.modeling.builder import build_model, build_tokenizer, is_checkpoint, load_pretrained
+from mmseg.perf import count_flops, matmul_peak_gflops
+
+STATE_DIR = "train_state"
+HISTORY_FILE = "history.jsonl"
+CURVE_FILE = "curve.png"
+
+
+def text_corpus(refer: ReferDataset, qa: list[dict]):
+    """Every string the tiny tokenizer should encode compactly: prompts, expressions, answers."""
+    for template in SEGMENT_TEMPLATES:
+        yield template.replace("{expression}", "")
+    yield TARGET_ANSWER
+    yield NO_TARGET_ANSWER
+    for ref in refer.refs:
+        for sentence in ref["sentences"]:
+            yield sentence["sent"]
+            yield sentence["raw"]
+    for item in qa:
+        yield item["question"]
+        yield item["answer"]
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio * base`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def plot_curve(history: list[dict], path: Path) -> None:
+    """Loss and validation metrics against step, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if "loss" in h]
+    val = [h for h in history if "val_ciou" in h]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        ax1.plot([h["step"] for h in train], [h["loss"] for h in train], label="total")
+        for key in ("text_ce", "mask_bce", "mask_dice"):
+            if key in train[0]:
+                ax1.plot([h["step"] for h in train], [h[key] for h in train], label=key, alpha=0.7)
+        ax1.set_yscale("log")
+    ax1.set_xlabel("step"), ax1.set_title("training loss"), ax1.legend()
+    for key in ("val_ciou", "val_giou", "val_no_target_acc", "val_qa_exact_match"):
+        pts = [(h["step"], h[key]) for h in val if h.get(key) is not None]
+        if pts:
+            ax2.plot(*zip(*pts), marker="o", label=key[4:])
+    ax2.set_ylim(0, 1), ax2.set_xlabel("step"), ax2.set_title("validation (own answers)"), ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes: float | None = None,
+          max_steps: int | None = None, progress: bool = True) -> dict:
+    """Train ``preset`` on the SynthRef (or REFER-layout) data in ``data_dir``; checkpoints go to ``out_dir``.
+
+    Re-running with the same ``out_dir`` resumes from the last saved state. Returns the last validation metrics.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from mmseg.evaluation import evaluate_qa, evaluate_refer
+    from mmseg.predictor import Segmenter
+
+    cfg = replace(preset.train, **({"max_minutes": max_minutes} if max_minutes is not None else {}),
+                  **({"max_steps": max_steps} if max_steps is not None else {}))
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    world = accelerator.num_processes
+    if accelerator.device.type == "cpu" and world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    set_seed(cfg.seed)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+
+    train_set = ReferDataset(data_dir, "synthref", "unc", "train")
+    train_qa = read_qa(data_dir, "train")
+    val_set = ReferDataset(data_dir, "synthref", "unc", "val")
+    val_qa = read_qa(data_dir, "val")
+    image_root = train_set.image_root
+
+    state_dir = out_dir / STATE_DIR
+    resuming = is_checkpoint(out_dir) and (state_dir / "progress.json").is_file()
+    if resuming:
+        model, processor = load_pretrained(out_dir)
+        model.train()
+    else:
+        tokenizer = build_tokenizer(preset.model, text_corpus(train_set, train_qa), cfg.vocab_size)
+        model, processor = build_model(preset.model, tokenizer)
+    collate = Collator(processor, model.head)
+    pool = ExamplePool(train_set, train_qa, image_root)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+    total_steps = cfg.max_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, 1.0, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    step, history, elapsed_before = 0, [], 0.0
+    if resuming:
+        accelerator.load_state(str(state_dir))
+        progress_info = json.loads((state_dir / "progress.json").read_text())
+        step, elapsed_before = progress_info["step"], progress_info["elapsed_s"]
+        history_path = out_dir / HISTORY_FILE
+        history = [json.loads(line) for line in history_path.read_text().splitlines()] if history_path.exists() else []
+        history = [h for h in history if h["step"] <= step]
+    elif accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    def batch_for(step_index: int) -> dict[str, torch.Tensor]:
+        rng = random.Random(cfg.seed * 1_000_003 + step_index)
+        examples = [pool.draw(rng, cfg.qa_fraction) for _ in range(cfg.batch_size)]
+        mine = examples[accelerator.process_index :: world]
+        return {k: v.to(accelerator.device) for k, v in collate(mine).items()}
+
+    def save() -> None:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(state_dir))
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(out_dir)
+            processor.save_pretrained(out_dir)
+            (state_dir / "progress.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed()}))
+            (out_dir / "train_config.json").write_text(json.dumps(
+                {"preset": preset.name, "train": asdict(cfg), "data": str(data_dir), "world_size": world}, indent=2))
+            (out_dir / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
+            plot_curve(history, out_dir / CURVE_FILE)
+        accelerator.wait_for_everyone()
+
+    val_indices = list(range(0, len(val_set), max(1, len(val_set) // cfg.eval_samples)))[: cfg.eval_samples]
+
+    def validate() -> dict:
+        metrics: dict = {}
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.eval()
+            segmenter = Segmenter(unwrapped, processor)
+            with accelerator.autocast():
+                refer = evaluate_refer(segmenter, val_set, val_indices, batch_size=32)
+                qa = evaluate_qa(segmenter, val_qa[: cfg.eval_samples // 2], image_root, batch_size=32)
+            unwrapped.train()
+            metrics = {"val_ciou": refer["ciou"], "val_giou": refer["giou"], "val_no_target_acc": refer["no_target_acc"],
+                       "val_qa_exact_match": qa["qa_exact_match"],
+                       "val_by_type": {k: round(v["ciou"], 4) for k, v in refer["by_type"].items()}}
+        accelerator.wait_for_everyone()
+        return metrics
+
+    # Throughput yardsticks, measured in this run: FLOPs per sample and the machine's matmul peak.
+    peak_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+    peak = matmul_peak_gflops(peak_dtype, device=accelerator.device)
+    probe = batch_for(step)
+
+    def probe_step() -> None:
+        with accelerator.autocast():
+            loss = model(probe)["loss"]
+        loss.backward()
+
+    flops_per_sample = count_flops(probe_step) / probe["input_ids"].shape[0]
+    optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - start
+
+    deadline = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (progress and accelerator.is_main_process))
+    model.train()
+    window_start, window_samples = time.perf_counter(), 0
+    last_metrics: dict = {}
+    while step < total_steps:
+        batch = batch_for(step)
+        with accelerator.autocast():
+            losses = model(batch)
+        accelerator.backward(losses["loss"])
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_samples += cfg.batch_size
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == 1:
+            seconds = time.perf_counter() - window_start
+            sps = window_samples / seconds
+            record = {"step": step, "elapsed_s": round(elapsed(), 1), "lr": scheduler.get_last_lr()[0],
+                      "samples_per_s": round(sps, 2), "peak_fraction": round(flops_per_sample * sps / 1e9 / peak, 3),
+                      **{k: round(float(v.detach()), 5) for k, v in losses.items()}}
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{sps:.1f}", peak=f"{record['peak_fraction']:.0%}")
+            window_start, window_samples = time.perf_counter(), 0
+        out_of_time = deadline is not None and elapsed() >= deadline
+        if step % cfg.eval_every == 0 or step == total_steps or out_of_time:
+            last_metrics = validate()
+            if last_metrics:
+                history.append({"step": step, "elapsed_s": round(elapsed(), 1), **last_metrics})
+                bar.write(f"step {step}: " + json.dumps(last_metrics))
+            window_start, window_samples = time.perf_counter(), 0
+        if step % cfg.save_every == 0 or step == total_steps or out_of_time:
+            save()
+        if out_of_time:
+            break
+    bar.close()
+    summary = {"step": step, "elapsed_s": round(elapsed(), 1), "flops_per_sample": flops_per_sample,
+               "matmul_peak_gflops": round(peak, 1), **last_metrics}
+    if accelerator.is_main_process:
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.end_training()
+    return summary

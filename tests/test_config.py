@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from mmseg.config import ModelConfig, list_presets, load_preset
+from mmseg.modeling.heads import build_head, list_heads
+
+
+def test_presets_load_and_list():
+    assert "tiny-stamp" in list_presets()
+    preset = load_preset("tiny-stamp")
+    assert preset.model.head_name == "stamp"
+    assert preset.train.batch_size > 0
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ValueError, match="unknown preset 'nope'.*tiny-stamp"):
+        load_preset("nope")
+
+
+def test_unknown_key_fails_loudly(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"model": {"lm": {"hiden_size": 3}}}))
+    with pytest.raises(ValueError, match="hiden_size"):
+        load_preset(path)
+    path.write_text(json.dumps({"trian": {}}))
+    with pytest.raises(ValueError, match="trian"):
+        load_preset(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_preset(path)
+
+
+def test_unknown_head_lists_valid_heads():
+    with pytest.raises(ValueError, match="unknown head 'magic'.*stamp"):
+        build_head({"name": "magic"}, hidden_size=8, image_size=32, grid_size=(2, 2))
+    with pytest.raises(ValueError, match="upsampel"):
+        build_head({"name": "stamp", "upsampel": 2}, hidden_size=8, image_size=32, grid_size=(2, 2))
+    assert "stamp" in list_heads()
+
+
+def test_model_config_round_trip():
+    config = ModelConfig.from_dict(load_preset("tiny-stamp").model.to_dict())
+    assert config == load_preset("tiny-stamp").model

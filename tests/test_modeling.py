@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+
+from mmseg.modeling.builder import CheckpointError, build_model, load_pretrained
+from mmseg.modeling.model import causal_text_attention
+from tiny import tiny_model
+
+
+def _batch(model, proc, masks=True):
+    ids, labels = proc.encode_chat([{"role": "user", "content": "the red circle"}], "Sure, <seg>.")
+    ids2, labels2 = proc.encode_chat([{"role": "user", "content": "how many circles are there?"}], "2")
+    width = max(len(ids), len(ids2))
+    pad = lambda x, v: x + [v] * (width - len(x))
+    b = {
+        "input_ids": torch.tensor([pad(ids, proc.pad_token_id), pad(ids2, proc.pad_token_id)]),
+        "attention_mask": torch.tensor([pad([1] * len(ids), 0), pad([1] * len(ids2), 0)]),
+        "labels": torch.tensor([pad(labels, -100), pad(labels2, -100)]),
+        "pixel_values": torch.randn(2, 3, 64, 64),
+        "mask_targets": torch.zeros(2, 64, 64),
+        "seg_positions": torch.tensor([ids.index(proc.seg_token_id), -1]),
+    }
+    b["mask_targets"][0, 10:30, 20:40] = 1
+    return b
+
+
+def test_forward_gives_finite_losses_and_gradients():
+    model, proc = tiny_model()
+    model.train()
+    losses = model(_batch(model, proc))
+    assert set(losses) >= {"text_ce", "mask_bce", "mask_dice", "loss"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    assert model.head.mask_embedding.grad is not None and model.vision.visual.conv1.weight.grad is not None
+
+
+def test_placeholder_count_mismatch_is_a_clear_error():
+    model, proc = tiny_model()
+    batch = _batch(model, proc)
+    batch["input_ids"][0, batch["input_ids"][0].tolist().index(proc.image_token_id)] = proc.pad_token_id
+    with pytest.raises(ValueError, match="placeholder count"):
+        model(batch)
+
+
+def test_bool_4d_mask_matches_the_lm_own_causal_mask():
+    model, proc = tiny_model()
+    ids, _ = proc.encode_chat([{"role": "user", "content": "the red circle"}], "Sure, <seg>.")
+    input_ids = torch.tensor([ids])
+    embeds, _ = model.embed_inputs(input_ids, torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
+        ours = model.decoder(inputs_embeds=embeds, attention_mask=causal_text_attention(torch.ones_like(input_ids))[:, None],
+                             position_ids=torch.arange(len(ids))[None]).last_hidden_state
+        theirs = model.decoder(inputs_embeds=embeds).last_hidden_state
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_mask_queries_do_not_change_text_losses():
+    """Text never attends the appended mask queries: text CE is the same with or without them."""
+    model, proc = tiny_model()
+    batch = _batch(model, proc)
+    with torch.no_grad():
+        with_queries = model(batch)["text_ce"]
+        batch["seg_positions"][:] = -1  # queries still appended, but masked
+        model.head.mask_embedding.data += 5.0
+        assert torch.allclose(model(batch)["text_ce"], with_queries)
+
+
+def test_save_and_reload_identical(tmp_path):
+    model, proc = tiny_model()
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["lm"]["hf_config"]["hidden_size"] == 32  # reload needs no hub
+    loaded, proc2 = load_pretrained(tmp_path)
+    batch = _batch(model, proc)
+    with torch.no_grad():
+        a, b = model(batch), loaded(batch)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    assert proc2.encode_user_text("the red circle") == proc.encode_user_text("the red circle")
+
+
+def test_not_a_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_pretrained(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_pretrained(tmp_path)
+    model, proc = tiny_model()
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="not an mmseg config"):
+        load_pretrained(tmp_path)
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    model, proc = tiny_model()
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    payload = json.loads((tmp_path / "config.json").read_text())
+    payload["model"]["head"]["upsample"] = 2  # the stored weights no longer fit this config
+    (tmp_path / "config.json").write_text(json.dumps(payload))
+    with pytest.raises(CheckpointError):
+        load_pretrained(tmp_path)

@@ -1,0 +1,32 @@
+"""Tiny model configs for tests: seconds to build, milliseconds to run."""
+
+from __future__ import annotations
+
+from mmseg.config import LMConfig, ModelConfig, VisionConfig
+
+CORPUS = [
+    "Please segment the red circle left of the blue square.",
+    "How many circles are there? 2",
+    "Sure, here it is. There is no such object in the image.",
+    "What colour is the star? yellow",
+] * 20
+
+
+def tiny_config(head: str = "stamp", **head_options) -> ModelConfig:
+    return ModelConfig(
+        vision=VisionConfig(kind="open_clip", image_size=64, patch_size=16, width=32, layers=1, heads=2),
+        lm=LMConfig(hidden_size=32, layers=2, heads=2, kv_heads=2, intermediate_size=64, max_position_embeddings=512),
+        head={"name": head, **head_options},
+    )
+
+
+def tiny_model(head: str = "stamp", seed: int = 0, **head_options):
+    import torch
+
+    from mmseg.modeling.builder import build_model, build_tokenizer
+
+    torch.manual_seed(seed)
+    config = tiny_config(head, **head_options)
+    tokenizer = build_tokenizer(config, CORPUS, vocab_size=300)
+    model, processor = build_model(config, tokenizer)
+    return model.eval(), processor
