@@ -76,11 +76,19 @@ class DecodeSession:
         return hidden
 
     def _run(self, embeds: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model.decoder(
+        decoder = self.model.decoder
+        out = decoder(
             inputs_embeds=embeds.to(self.model.lm.dtype), attention_mask=attention, position_ids=positions,
-            past_key_values=self.cache, use_cache=True,
+            use_cache=True, **{_cache_argument(decoder): self.cache},
         )
         return out.last_hidden_state
+
+
+def _cache_argument(decoder: nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -92,13 +100,11 @@ class Generation:
     timings: dict[str, float]
 
 
-@torch.inference_mode()
-def generate(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor, *, eos_token_id: int,
-             pad_token_id: int, mask_token_id: int, max_new_tokens: int = 48, options: dict | None = None) -> Generation:
-    """Greedy decoding of a batch of prompts (token ids with ``<image>`` already expanded).
+def start_session(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor, *, pad_token_id: int,
+                  features: torch.Tensor | None = None, options: dict | None = None) -> tuple[DecodeSession, torch.Tensor]:
+    """Left-pad ``prompts`` (token ids with ``<image>`` expanded), run them through the LM into a fresh KV cache.
 
-    ``mask_token_id`` is the token that opens a mask point in the text (``<seg>``). Text generation runs to
-    ``eos`` (or ``max_new_tokens``) for every row; then the head decodes every mask point.
+    Returns the session and the last-layer hidden states of the prompts ``(B, T, D)``.
     """
     from transformers import DynamicCache
 
@@ -111,29 +117,43 @@ def generate(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_values: 
         input_ids[i, width - len(prompt):] = torch.tensor(list(prompt), device=device)
         valid[i, width - len(prompt):] = True
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    timings: dict[str, float] = {}
-
-    start = time.perf_counter()
-    features = model.image_features(pixel_values.to(device))
-    timings["vision_ms"] = _ms(start)
-
-    start = time.perf_counter()
-    embeds, features = model.embed_inputs(input_ids, features=features)
+    pixel_values = pixel_values.to(device)
+    embeds, features = model.embed_inputs(input_ids, pixel_values=None if features is not None else pixel_values,
+                                          features=features)
     session = DecodeSession(
-        model=model, cache=DynamicCache(config=model.lm.config), image_features=features, pixel_values=pixel_values.to(device),
+        model=model, cache=DynamicCache(config=model.lm.config), image_features=features, pixel_values=pixel_values,
         cache_valid=torch.zeros(b, 0, dtype=torch.bool, device=device),
         cache_positions=torch.zeros(b, 0, dtype=torch.long, device=device),
         tokens=[[] for _ in range(b)], mask_points=[[] for _ in range(b)], options=dict(options or {}),
     )
-    hidden = session.feed(embeds, positions, valid)
+    return session, session.feed(embeds, positions, valid)
+
+
+@torch.inference_mode()
+def generate(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor, *, eos_token_id: int,
+             pad_token_id: int, mask_token_id: int, max_new_tokens: int = 48, options: dict | None = None) -> Generation:
+    """Greedy decoding of a batch of prompts (token ids with ``<image>`` already expanded).
+
+    ``mask_token_id`` is the token that opens a mask point in the text (``<seg>``). Text generation runs to
+    ``eos`` (or ``max_new_tokens``) for every row; then the head decodes every mask point.
+    """
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    features = model.image_features(pixel_values.to(model.device))
+    timings["vision_ms"] = _ms(start)
+
+    start = time.perf_counter()
+    session, hidden = start_session(model, prompts, pixel_values, pad_token_id=pad_token_id, features=features,
+                                    options=options)
     output_layer: nn.Module = model.lm.get_output_embeddings()
     embed_layer: nn.Module = model.lm.get_input_embeddings()
     logits = output_layer(hidden[:, -1]).float()
     timings["prefill_ms"] = _ms(start)
 
     start = time.perf_counter()
-    next_pos = positions[:, -1] + 1
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    b = session.batch_size
+    next_pos = session.cache_positions[:, -1] + 1
+    finished = torch.zeros(b, dtype=torch.bool, device=session.device)
     for _ in range(max_new_tokens):
         logits = model.head.constrain(session, logits)
         chosen = logits.argmax(-1)

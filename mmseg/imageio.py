@@ -76,7 +76,7 @@ def _to_rgb(pil: Image.Image) -> Image.Image:
         arr = np.asarray(pil, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        return Image.fromarray(arr.round().astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(arr.round().astype(np.uint8)).convert("RGB")
     return pil.convert("RGB")
 
 
@@ -97,5 +97,4 @@ def _from_array(array: np.ndarray) -> Image.Image:
         arr = np.clip(arr * scale, 0, 255).round().astype(np.uint8)
     elif arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
-    mode = {2: "L", 3: "RGB", 4: "RGBA"}[arr.shape[2] if arr.ndim == 3 else 2]
-    return Image.fromarray(np.ascontiguousarray(arr)).convert(mode) if False else Image.fromarray(np.ascontiguousarray(arr))
+    return Image.fromarray(np.ascontiguousarray(arr))  # uint8 (H,W) -> L, (H,W,3) -> RGB, (H,W,4) -> RGBA

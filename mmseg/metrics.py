@@ -34,7 +34,8 @@ PREC_THRESHOLDS: tuple[int, ...] = (5, 6, 7, 8, 9)
 Box = tuple[float, float, float, float]
 
 
-def _to_numpy_bool(mask: Any, name: str) -> np.ndarray:
+def _to_numpy_bool(mask: Any) -> np.ndarray:
+    """numpy bool view of a mask given as numpy array or torch tensor (nonzero = True)."""
     if hasattr(mask, "detach"):  # torch tensor without importing torch here
         mask = mask.detach().cpu().numpy()
     arr = np.asarray(mask)
@@ -43,8 +44,8 @@ def _to_numpy_bool(mask: Any, name: str) -> np.ndarray:
 
 def mask_iou_stats(pred: Any, gt: Any) -> tuple[int, int]:
     """Return (intersection, union) pixel counts of two bool (H, W) masks of the same shape."""
-    p = _to_numpy_bool(pred, "pred")
-    g = _to_numpy_bool(gt, "gt")
+    p = _to_numpy_bool(pred)
+    g = _to_numpy_bool(gt)
     if p.shape != g.shape:
         raise ValueError(
             f"pred mask shape {p.shape} != gt mask shape {g.shape}; resize the prediction to the "
@@ -137,15 +138,15 @@ class SegMetrics:
         if gt is None:
             if has_target:
                 raise ValueError("gt is None but has_target=True")
-            gt_np = np.zeros(_to_numpy_bool(pred, "pred").shape, dtype=bool)
+            gt_np = np.zeros(_to_numpy_bool(pred).shape, dtype=bool)
         else:
-            gt_np = _to_numpy_bool(gt, "gt")
+            gt_np = _to_numpy_bool(gt)
         if pred is None:
             if not failed:
                 raise ValueError("pred is None; pass failed=True for a sample without a prediction")
             pred_np = np.zeros(gt_np.shape, dtype=bool)
         else:
-            pred_np = _to_numpy_bool(pred, "pred")
+            pred_np = _to_numpy_bool(pred)
         if not has_target and gt_np.any():
             raise ValueError("has_target=False but the gt mask is not empty")
         inter, union = mask_iou_stats(pred_np, gt_np)

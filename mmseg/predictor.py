@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mmseg.imageio import ImageLike, load_image
+from mmseg.masks import mask_to_box
 from mmseg.processing import Letterbox, Processor
 
 
@@ -33,15 +34,6 @@ class Answer:
     info: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     logits: list[np.ndarray] = field(default_factory=list, repr=False)  # float (H, W) per mask, for re-thresholding
-
-
-def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
-    """XYXY pixel box covering the True pixels of a bool ``(H, W)`` mask (x2/y2 exclusive), None if empty."""
-    ys = np.flatnonzero(mask.any(1))
-    xs = np.flatnonzero(mask.any(0))
-    if ys.size == 0:
-        return None
-    return float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)
 
 
 def logits_to_original(logits: torch.Tensor, box: Letterbox, side: int) -> torch.Tensor:
@@ -129,7 +121,7 @@ class Segmenter:
             timings = {"preprocess_ms": preprocess_ms / len(boxes), **gen.timings, "postprocess_ms": post_ms}
             timings["total_ms"] = sum(timings.values())
             answers.append(Answer(
-                text=self.processor.decode(gen.tokens[row]), masks=masks, boxes=[mask_box(m) for m in masks],
+                text=self.processor.decode(gen.tokens[row]), masks=masks, boxes=[mask_to_box(m) for m in masks],
                 timings=timings, info=infos, notes=note, logits=mask_logits,
             ))
         return answers

@@ -44,11 +44,15 @@ def text_corpus(refer: ReferDataset, qa: list[dict]):
         yield item["answer"]
 
 
-def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to ``min_ratio * base`` at ``total``."""
+def lr_at(step: int, progress: float, base: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio * base`` as ``progress`` -> 1.
+
+    ``progress`` is the larger of the step fraction and the wall-time fraction, so a run cut by
+    ``--max-minutes`` still anneals fully instead of stopping at a high learning rate.
+    """
     if step < warmup:
         return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max(0.0, progress))
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -127,10 +131,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
         lr=cfg.lr, betas=(0.9, 0.95),
     )
     total_steps = cfg.max_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_at(s, 1.0, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
     step, history, elapsed_before = 0, [], 0.0
     if resuming:
         accelerator.load_state(str(state_dir))
@@ -205,6 +206,10 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     window_start, window_samples = time.perf_counter(), 0
     last_metrics: dict = {}
     while step < total_steps:
+        progress_fraction = step / total_steps if deadline is None else max(step / total_steps, elapsed() / deadline)
+        lr = lr_at(step, progress_fraction, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         batch = batch_for(step)
         with accelerator.autocast():
             losses = model(batch)
@@ -212,7 +217,6 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_samples += cfg.batch_size
@@ -220,7 +224,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
         if step % cfg.log_every == 0 or step == 1:
             seconds = time.perf_counter() - window_start
             sps = window_samples / seconds
-            record = {"step": step, "elapsed_s": round(elapsed(), 1), "lr": scheduler.get_last_lr()[0],
+            record = {"step": step, "elapsed_s": round(elapsed(), 1), "lr": lr,
                       "samples_per_s": round(sps, 2), "peak_fraction": round(flops_per_sample * sps / 1e9 / peak, 3),
                       **{k: round(float(v.detach()), 5) for k, v in losses.items()}}
             history.append(record)

@@ -28,7 +28,7 @@ the visible masks, y grows downwards):
   runner-up by ``m``; or the only such object inside an image quadrant (``m/2`` from both
   mid-lines, every other one ``m/2`` outside).
 * relational: relative to a uniquely named anchor. "left of" holds when the object is at
-  least ``m`` to the left and not more than twice as far off vertically; it clearly fails
+  least ``m`` to the left and at least as far left as it is off vertically; it clearly fails
   when the object is not left of the anchor at all; anything in between makes the
   expression ambiguous and it is not used. "next to" / "closest to" means nearest by
   centroid distance, ahead of the runner-up by ``m``.
@@ -201,7 +201,7 @@ def _relation_state(t: SceneObject, a: SceneObject, rel: str, margin: float) -> 
         along, across = (-dx if rel == "left_of" else dx), dy
     else:
         along, across = (-dy if rel == "above" else dy), dx
-    if along >= margin and along >= 0.5 * abs(across):
+    if along >= margin and along >= abs(across):  # within 45 degrees of the direction
         return True
     if along <= 0:
         return False
@@ -616,15 +616,32 @@ def _find_candidates(objs: list[SceneObject], size: int) -> _Candidates:
     return _Candidates(by_object, absent, hard, relational_absent, {d: len(m) for d, m in matches.items()})
 
 
+_SUB_FORMS: dict[str, tuple[str, ...]] = {
+    "attribute": ("attr", "size"),
+    "positional": ("extreme", "corner"),
+    "relational": tuple(f"relation:{r}" for r in _REL_WORDS),
+}
+
+
+def _sub_form(expr: Expr) -> str:
+    """Finer grouping than expr_type, used to balance the expression forms."""
+    return f"{expr.op}:{expr.arg}" if expr.op == "relation" else expr.op
+
+
 class _TypeBalancer:
-    """Picks the expression type whose share lags its target most, so split mixes hit their targets."""
+    """Picks the category (expression type or sub-form) whose share lags its target most.
+
+    Deterministic given the rng, and keeps every split's mix close to its target shares
+    even though each object only offers some categories.
+    """
 
     def __init__(self, shares: dict[str, float]) -> None:
         self.shares = shares
         self.counts = {t: 0 for t in shares}
 
     def choose(self, available: Iterable[str], rng: np.random.Generator) -> str | None:
-        avail = [t for t in self.shares if t in set(available)]
+        offered = set(available)
+        avail = [t for t in self.shares if t in offered]
         if not avail:
             return None
         total = sum(self.counts.values()) + 1
@@ -776,6 +793,7 @@ def write_synthref(
     bar = tqdm(total=sum(n for _, n in plan), desc="SynthRef", unit="img", disable=not progress)
     for split_index, (split, n_images) in enumerate(plan):
         balancer = _TypeBalancer(_SPLIT_SHARES[split])
+        form_balancers = {t: _TypeBalancer(dict.fromkeys(forms, 1 / len(forms))) for t, forms in _SUB_FORMS.items()}
         n_target = n_no_target = n_sents = 0
         for i in range(n_images):
             # one generator per image: image content does not depend on the other split sizes
@@ -840,12 +858,12 @@ def write_synthref(
                 etype = balancer.choose(by_type, rng)
                 if etype is None:
                     continue
-                pool = by_type[etype]
-                # pick a sub-form first (e.g. size vs colour) so rare forms are not swamped
-                ops = sorted({e.op for e in pool})
-                op = ops[int(rng.integers(len(ops)))]
-                sub = [e for e in pool if e.op == op]
-                add_ref(sub[int(rng.integers(len(sub)))], pool, etype, int(obj_index))
+                # pick a sub-form first (colour vs size, left-of vs next-to, ...) so that forms
+                # with many valid programs (e.g. "next to") do not swamp the others; all
+                # sentences of a ref use the same sub-form
+                form = form_balancers[etype].choose({_sub_form(e) for e in by_type[etype]}, rng)
+                sub = [e for e in by_type[etype] if _sub_form(e) == form]
+                add_ref(sub[int(rng.integers(len(sub)))], sub, etype, int(obj_index))
                 n_target += 1
 
             # no-target refs keep a running share of ~10% of all refs in every split

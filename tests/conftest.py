@@ -1,0 +1,17 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def synthref_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small SynthRef dataset (60 train, 45 val, 30 testA, 30 testB images at 128 px), built once."""
+    from mmseg.data.synthetic import write_synthref
+
+    root = tmp_path_factory.mktemp("synthref")
+    write_synthref(root, seed=0, n_train=60, n_val=45, n_test=30, image_size=128, progress=False)
+    return root

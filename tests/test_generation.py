@@ -1,0 +1,83 @@
+import torch
+import torch.nn.functional as F
+
+from mmseg.generation import generate, start_session
+from mmseg.modeling.model import causal_text_attention
+from tiny import tiny_model
+
+
+def _prompt(proc, text, answer=None):
+    ids, _ = proc.encode_chat([{"role": "user", "content": text}], answer)
+    if answer is not None:
+        ids = ids[: ids.index(proc.seg_token_id) + 1]  # the answer up to and including <seg>
+    return ids
+
+
+def _gen(model, proc, prompts, pixels):
+    return generate(model, prompts, pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
+                    mask_token_id=proc.seg_token_id, max_new_tokens=6)
+
+
+def test_batched_generation_equals_one_at_a_time():
+    model, proc = tiny_model(seed=1)
+    prompts = [_prompt(proc, "the red circle left of the blue square"), _prompt(proc, "how many?")]
+    pixels = torch.randn(2, 3, 64, 64)
+    both = _gen(model, proc, prompts, pixels)
+    for i in range(2):
+        one = _gen(model, proc, [prompts[i]], pixels[i : i + 1])
+        assert both.tokens[i] == one.tokens[0]
+
+
+def test_cached_greedy_equals_recomputing_the_whole_sequence():
+    model, proc = tiny_model(seed=2)
+    prompt = _prompt(proc, "the red circle")
+    pixels = torch.randn(1, 3, 64, 64)
+    out = _gen(model, proc, [prompt], pixels)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(len(out.tokens[0])):
+            embeds, _ = model.embed_inputs(torch.tensor([ids]), pixels)
+            hidden = model.decoder(inputs_embeds=embeds).last_hidden_state
+            ids.append(int(model.lm.get_output_embeddings()(hidden[:, -1]).argmax(-1)))
+    assert ids[len(prompt):] == out.tokens[0]
+
+
+def _stamp_masks_from_cache(model, proc, prompts, pixels):
+    with torch.no_grad():
+        session, _ = start_session(model, prompts, pixels, pad_token_id=proc.pad_token_id)
+        width = max(map(len, prompts))
+        session.mask_points = [[width - 1] for _ in prompts]  # <seg> is each prompt's last token (left padded)
+        length = session.cache_length
+        masks = model.head.decode(session)
+        assert session.cache_length == length  # queries were cropped back out of the cache
+    return [m[0].logits for m in masks]
+
+
+def test_stamp_cached_mask_pass_equals_training_forward_and_is_batch_invariant():
+    model, proc = tiny_model(seed=3)
+    prompts = [_prompt(proc, "the red circle", "Sure, <seg>."), _prompt(proc, "a much longer query about the blue star", "Sure, <seg>.")]
+    pixels = torch.randn(2, 3, 64, 64)
+    cached = _stamp_masks_from_cache(model, proc, prompts, pixels)
+    for i, prompt in enumerate(prompts):
+        single = _stamp_masks_from_cache(model, proc, [prompt], pixels[i : i + 1])[0]
+        torch.testing.assert_close(cached[i], single, atol=1e-4, rtol=1e-4)
+        # the training path: whole sequence + queries in one forward with the 4D mask
+        ids = torch.tensor([prompt])
+        batch = {"attention_mask": torch.ones_like(ids), "seg_positions": torch.tensor([len(prompt) - 1])}
+        with torch.no_grad():
+            embeds, feats = model.embed_inputs(ids, pixels[i : i + 1])
+            extra = model.head.extra_inputs(batch, feats)
+            rows = torch.cat([F.pad(causal_text_attention(batch["attention_mask"]), (0, extra.embeds.shape[1])), extra.attention], 1)
+            positions = torch.cat([torch.arange(len(prompt))[None], extra.position_ids], 1)
+            hidden = model.decoder(inputs_embeds=torch.cat([embeds, extra.embeds], 1), attention_mask=rows[:, None],
+                                   position_ids=positions).last_hidden_state
+            full = model.head.mask_logits(hidden[:, len(prompt):], pixels[i : i + 1])[0]
+        torch.testing.assert_close(cached[i], full, atol=1e-4, rtol=1e-4)
+
+
+def test_no_mask_point_means_no_mask():
+    model, proc = tiny_model(seed=4)
+    out = _gen(model, proc, [_prompt(proc, "hello")], torch.randn(1, 3, 64, 64))
+    if proc.seg_token_id not in out.tokens[0]:
+        assert out.masks == [[]]
+    assert set(out.timings) == {"vision_ms", "prefill_ms", "text_ms", "mask_ms"}
