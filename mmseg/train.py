@@ -89,7 +89,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
 
     Re-running with the same ``out_dir`` resumes from the last saved state. Returns the last validation metrics.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -99,7 +99,10 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     cfg = replace(preset.train, **({"max_minutes": max_minutes} if max_minutes is not None else {}),
                   **({"max_steps": max_steps} if max_steps is not None else {}))
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    # A head may leave its parameters out of a step (e.g. STAMP when a process's slice holds no mask), so DDP
+    # must look for unused parameters.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     world = accelerator.num_processes
     if accelerator.device.type == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))

@@ -51,6 +51,9 @@ class OpenClipTower(VisionTower):
                 f"open_clip tower {type(visual).__name__} has no patch tokens; use a ViT architecture (e.g. ViT-B-16)"
             )
         visual.output_tokens = True
+        # The pooled-embedding projection is for CLIP's contrastive head; patch tokens never use it, and an
+        # unused parameter would only cost memory and break DDP's gradient bookkeeping.
+        visual.proj = None
         self.visual = visual
         self.image_size = image_size
         self.grid_size = tuple(visual.grid_size)  # type: ignore[assignment]
