@@ -68,15 +68,15 @@ def main() -> None:
     seq = prompt + answer_tokens
     has_mask = proc.seg_token_id in answer_tokens
     seg_index = len(prompt) + answer_tokens.index(proc.seg_token_id) if has_mask else len(seq) - 1
-    session, _ = start_session(model, [seq[: seg_index + 1]], pixels, pad_token_id=proc.pad_token_id)
+    session, hidden = start_session(model, [seq[: seg_index + 1]], pixels, pad_token_id=proc.pad_token_id)
 
     def with_reuse() -> None:
-        session.mask_points = [[seg_index]]
+        session.mask_points, session.point_hidden = [[seg_index]], [[hidden[0, -1]]]
         model.head.decode(session)
 
     def without_reuse() -> None:
-        fresh, _ = start_session(model, [seq[: seg_index + 1]], pixels, pad_token_id=proc.pad_token_id)
-        fresh.mask_points = [[seg_index]]
+        fresh, fresh_hidden = start_session(model, [seq[: seg_index + 1]], pixels, pad_token_id=proc.pad_token_id)
+        fresh.mask_points, fresh.point_hidden = [[seg_index]], [[fresh_hidden[0, -1]]]
         model.head.decode(fresh)
 
     reuse_ms = median_ms(with_reuse, args.repeats)

@@ -38,6 +38,7 @@ class DecodeSession:
     cache_positions: torch.Tensor
     tokens: list[list[int]] = field(default_factory=list)
     mask_points: list[list[int]] = field(default_factory=list)
+    point_hidden: list[list[torch.Tensor]] = field(default_factory=list)  # last hidden state at each mask point
     options: dict = field(default_factory=dict)  # per-call head options, e.g. keep_tokens
 
     @property
@@ -124,7 +125,8 @@ def start_session(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_val
         model=model, cache=DynamicCache(config=model.lm.config), image_features=features, pixel_values=pixel_values,
         cache_valid=torch.zeros(b, 0, dtype=torch.bool, device=device),
         cache_positions=torch.zeros(b, 0, dtype=torch.long, device=device),
-        tokens=[[] for _ in range(b)], mask_points=[[] for _ in range(b)], options=dict(options or {}),
+        tokens=[[] for _ in range(b)], mask_points=[[] for _ in range(b)], point_hidden=[[] for _ in range(b)],
+        options=dict(options or {}),
     )
     return session, session.feed(embeds, positions, valid)
 
@@ -159,16 +161,20 @@ def generate(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_values: 
         chosen = logits.argmax(-1)
         chosen = torch.where(finished, torch.full_like(chosen, pad_token_id), chosen)
         alive = ~finished
+        opened: list[int] = []
         for row in alive.nonzero()[:, 0].tolist():
             token = int(chosen[row])
             if token != eos_token_id:
                 session.tokens[row].append(token)
             if token == mask_token_id:
                 session.mask_points[row].append(session.cache_length)  # the slot this token is about to take
+                opened.append(row)
         finished = finished | (chosen == eos_token_id)
         if bool(finished.all()):
             break
         hidden = session.feed(embed_layer(chosen)[:, None], next_pos[:, None], alive[:, None])
+        for row in opened:
+            session.point_hidden[row].append(hidden[row, -1])
         next_pos = next_pos + 1
         logits = output_layer(hidden[:, -1]).float()
     timings["text_ms"] = _ms(start)

@@ -44,9 +44,10 @@ def test_cached_greedy_equals_recomputing_the_whole_sequence():
 
 def _stamp_masks_from_cache(model, proc, prompts, pixels):
     with torch.no_grad():
-        session, _ = start_session(model, prompts, pixels, pad_token_id=proc.pad_token_id)
+        session, hidden = start_session(model, prompts, pixels, pad_token_id=proc.pad_token_id)
         width = max(map(len, prompts))
         session.mask_points = [[width - 1] for _ in prompts]  # <seg> is each prompt's last token (left padded)
+        session.point_hidden = [[hidden[b, -1]] for b in range(len(prompts))]
         length = session.cache_length
         masks = model.head.decode(session)
         assert session.cache_length == length  # queries were cropped back out of the cache
@@ -71,7 +72,7 @@ def test_stamp_cached_mask_pass_equals_training_forward_and_is_batch_invariant()
             positions = torch.cat([torch.arange(len(prompt))[None], extra.position_ids], 1)
             hidden = model.decoder(inputs_embeds=torch.cat([embeds, extra.embeds], 1), attention_mask=rows[:, None],
                                    position_ids=positions).last_hidden_state
-            full = model.head.mask_logits(hidden[:, len(prompt):], pixels[i : i + 1])[0]
+            full = model.head.mask_logits(hidden[:, len(prompt):], pixels[i : i + 1], hidden[:, len(prompt) - 1])[0]
         torch.testing.assert_close(cached[i], full, atol=1e-4, rtol=1e-4)
 
 

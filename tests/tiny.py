@@ -13,6 +13,8 @@ CORPUS = [
 
 
 def tiny_config(head: str = "stamp", **head_options) -> ModelConfig:
+    if head == "stamp":
+        head_options = {"seg_kernel": True, "query_positions": True, "kernel_dim": 16, **head_options}
     return ModelConfig(
         vision=VisionConfig(kind="open_clip", image_size=64, patch_size=16, width=32, layers=1, heads=2),
         lm=LMConfig(hidden_size=32, layers=2, heads=2, kv_heads=2, intermediate_size=64, max_position_embeddings=512),
