@@ -67,8 +67,9 @@ class Segmenter:
         model, processor = load_pretrained(folder, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(model, processor, **kwargs)
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        self.model.save_pretrained(folder)
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        """One folder with config, safetensors weights (optionally cast to ``dtype``), tokenizer, processor."""
+        self.model.save_pretrained(folder, dtype=dtype)
         self.processor.save_pretrained(folder)
 
     @property

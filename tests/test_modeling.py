@@ -106,3 +106,15 @@ def test_weights_of_another_model_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(payload))
     with pytest.raises(CheckpointError):
         load_pretrained(tmp_path)
+
+
+def test_bf16_checkpoint_reloads_close_to_fp32(tmp_path):
+    model, proc = tiny_model()
+    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    proc.save_pretrained(tmp_path)
+    loaded, _ = load_pretrained(tmp_path)
+    assert next(loaded.parameters()).dtype == torch.float32
+    batch = _batch(model, proc)
+    with torch.no_grad():
+        a, b = model(batch)["loss"], loaded(batch)["loss"]
+    assert abs(float(a) - float(b)) < 0.05 * float(a)

@@ -111,7 +111,11 @@ class MMSegModel(nn.Module):
         vision = self.vision.saved_config(self.config.vision)
         return dataclasses.replace(self.config, lm=lm, vision=vision, head=self.head.options())
 
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write ``config.json``, ``model.safetensors`` (in ``dtype`` when given, e.g. ``torch.bfloat16`` to halve
+        the file; reloading casts back to the model's dtype) and the head's assets."""
+        import copy
+
         from safetensors.torch import save_model
 
         from mmseg import __version__
@@ -120,5 +124,6 @@ class MMSegModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         payload = {"mmseg_version": __version__, "architecture": "MMSegModel", "model": self.saved_config().to_dict()}
         (folder / CONFIG_FILE).write_text(json.dumps(payload, indent=2, default=list))
-        save_model(self, str(folder / WEIGHTS_FILE))  # handles tied embeddings
+        to_save = self if dtype is None else copy.deepcopy(self).to(dtype)
+        save_model(to_save, str(folder / WEIGHTS_FILE))  # handles tied embeddings
         self.head.save_assets(folder)
