@@ -123,6 +123,17 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     vocab_size: int = 1024  # byte-level BPE size when a tokenizer is trained for a tiny LM
+    # Curriculum: [[progress_from, [expression types]], ...]; from each progress fraction (of steps or wall
+    # time, whichever is further) only those referring types are drawn; null types = all. Empty = no curriculum.
+    curriculum: tuple = ()
+
+    def types_at(self, progress: float) -> list[str] | None:
+        """The expression types the curriculum allows at ``progress`` in [0, 1] (None = all)."""
+        allowed = None
+        for start, types in self.curriculum:
+            if progress >= start:
+                allowed = list(types) if types else None
+        return allowed
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     Re-running with the same ``out_dir`` resumes from the last saved state. Returns the last validation metrics.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import set_seed
+    from accelerate.utils import broadcast_object_list, set_seed
     from tqdm.auto import tqdm
 
     from mmseg.evaluation import evaluate_qa, evaluate_refer
@@ -147,9 +147,10 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
         out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
-    def batch_for(step_index: int) -> dict[str, torch.Tensor]:
+    def batch_for(step_index: int, progress: float = 0.0) -> dict[str, torch.Tensor]:
         rng = random.Random(cfg.seed * 1_000_003 + step_index)
-        examples = [pool.draw(rng, cfg.qa_fraction) for _ in range(cfg.batch_size)]
+        types = cfg.types_at(progress)
+        examples = [pool.draw(rng, cfg.qa_fraction, types) for _ in range(cfg.batch_size)]
         mine = examples[accelerator.process_index :: world]
         return {k: v.to(accelerator.device) for k, v in collate(mine).items()}
 
@@ -210,10 +211,12 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     last_metrics: dict = {}
     while step < total_steps:
         progress_fraction = step / total_steps if deadline is None else max(step / total_steps, elapsed() / deadline)
+        if world > 1:  # every process must use the same learning rate and curriculum phase
+            progress_fraction = broadcast_object_list([progress_fraction])[0]
         lr = lr_at(step, progress_fraction, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = batch_for(step)
+        batch = batch_for(step, progress_fraction)
         with accelerator.autocast():
             losses = model(batch)
         accelerator.backward(losses["loss"])

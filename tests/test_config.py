@@ -42,3 +42,11 @@ def test_unknown_head_lists_valid_heads():
 def test_model_config_round_trip():
     config = ModelConfig.from_dict(load_preset("tiny-stamp").model.to_dict())
     assert config == load_preset("tiny-stamp").model
+
+
+def test_curriculum_phases():
+    from mmseg.config import TrainConfig
+
+    cfg = TrainConfig(curriculum=((0.0, ["attribute"]), (0.5, None)))
+    assert cfg.types_at(0.0) == ["attribute"] and cfg.types_at(0.49) == ["attribute"] and cfg.types_at(0.5) is None
+    assert TrainConfig().types_at(0.3) is None

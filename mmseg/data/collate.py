@@ -34,6 +34,11 @@ class ExamplePool:
         self.refer = refer
         self.qa = list(qa)
         self.image_root = Path(image_root)
+        # Sample indices per expression type (from the refs file; no mask decoding) for curricula.
+        self.by_type: dict[str, list[int]] = {}
+        for index in range(len(refer)):
+            kind = str(refer.ref_of(index).get("expr_type") or "unknown")
+            self.by_type.setdefault(kind, []).append(index)
 
     def segmentation(self, index: int, rng: random.Random) -> Example:
         sample = self.refer[index]
@@ -44,10 +49,22 @@ class ExamplePool:
         item = self.qa[index]
         return Example(self.image_root / item["file_name"], item["question"], item["answer"], None)
 
-    def draw(self, rng: random.Random, qa_fraction: float) -> Example:
+    def draw(self, rng: random.Random, qa_fraction: float, types: Sequence[str] | None = None) -> Example:
+        """A QA pair with probability ``qa_fraction``, else a referring sample (of ``types`` only, if given)."""
         if self.qa and rng.random() < qa_fraction:
             return self.question(rng.randrange(len(self.qa)))
-        return self.segmentation(rng.randrange(len(self.refer)), rng)
+        if types is None:
+            return self.segmentation(rng.randrange(len(self.refer)), rng)
+        pools = [self.by_type[t] for t in types if t in self.by_type]
+        if not pools:
+            raise ValueError(f"curriculum types {list(types)} match no samples; present: {sorted(self.by_type)}")
+        total = sum(len(p) for p in pools)
+        k = rng.randrange(total)
+        for pool in pools:
+            if k < len(pool):
+                return self.segmentation(pool[k], rng)
+            k -= len(pool)
+        raise AssertionError("unreachable")
 
 
 class Collator:

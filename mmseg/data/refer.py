@@ -221,6 +221,14 @@ class ReferDataset:
             f"pass image_root (--image-root) explicitly\n{layout}"
         )
 
+    def ref_of(self, index: int) -> dict[str, Any]:
+        """The ref (a dict of the refs file) that sample ``index`` belongs to, without decoding its mask."""
+        return self.refs[self._index[index][0]]
+
+    def keys(self) -> list[tuple[int, int]]:
+        """``(ref_id, sent_id)`` of every sample, in sample order."""
+        return [(int(self.refs[ri]["ref_id"]), int(self.refs[ri]["sentences"][si]["sent_id"])) for ri, si in self._index]
+
     def __len__(self) -> int:
         return len(self._index)
 
