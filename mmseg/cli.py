@@ -1,4 +1,4 @@
-"""The ``mmseg`` command: ``synth``, ``train``, ``predict``.
+"""The ``mmseg`` command: ``synth``, ``train``, ``train-tokenizer``, ``predict``.
 
 Every user-facing failure (missing file, corrupt image, unknown preset or head, not a checkpoint) ends with
 one ``error: ...`` line and exit status 2, never a traceback.
@@ -27,6 +27,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     preset = load_preset(args.config)
     summary = train(preset, args.data, args.out, max_minutes=args.max_minutes, max_steps=args.max_steps)
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    from mmseg.train_tokenizer import train_tokenizer
+
+    summary = train_tokenizer(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
+                              max_minutes=args.max_minutes)
     print(json.dumps(summary, indent=2))
 
 
@@ -80,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--max-steps", type=int, default=None)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("train-tokenizer", help="train the HiMT mask tokenizer on COCO-format masks + procedural shapes")
+    p.add_argument("--data", required=True, nargs="+", help="folders holding */instances.json (or the files)")
+    p.add_argument("--out", required=True, help="tokenizer folder (re-run to resume)")
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.set_defaults(func=_cmd_train_tokenizer)
 
     p = sub.add_parser("predict", help="answer a query about an image and write its mask")
     p.add_argument("--model", required=True, help="checkpoint folder")

@@ -1,0 +1,263 @@
+"""HiMT: a 1-D hierarchical mask tokenizer (after HiMTok), written from the paper's description.
+
+A binary mask is resized to ``mask_size x mask_size`` and cut into patches. A ViT encoder runs over the patches
+plus ``num_tokens`` learnable latents in a CAUSAL order: latent ``i`` sees every mask patch and latents
+``0..i`` only, so early latents must carry the coarse shape on their own. Each latent is projected to
+``code_dim``, L2-normalised and snapped to the nearest entry of an L2-normalised codebook (straight-through
+estimator, commitment loss, dead codes revived from recent encoder outputs). The decoder rebuilds the mask
+from the codes alone (no image): learned patch queries attend to the kept codes, a linear layer paints each
+patch's pixels.
+
+Training drops a random tail of the codes (keep ``1..K``), so any prefix decodes to a coarser mask.
+
+API (masks are bool ``(H, W)`` of any size; logits are float ``(H, W)``):
+
+- ``encode(mask) -> ids (K,)``
+- ``decode(ids, keep=k, size=(H, W)) -> logits``
+- ``decode_soft(probs (B, K, V), keep=k, size=...) -> logits``, for a language model's token distributions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG_FILE = "mask_tokenizer_config.json"
+WEIGHTS_FILE = "mask_tokenizer.safetensors"
+
+
+@dataclass(frozen=True)
+class MaskTokenizerConfig:
+    mask_size: int = 64  # masks are resized to this square before encoding
+    patch_size: int = 8
+    width: int = 128
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    heads: int = 4
+    num_tokens: int = 32  # K: tokens per mask
+    codebook_size: int = 1024
+    code_dim: int = 12
+    commitment: float = 0.01
+
+    @property
+    def grid(self) -> int:
+        return self.mask_size // self.patch_size
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block with an explicit boolean attention mask (True = may attend)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm1(x)
+        # nn.MultiheadAttention's bool mask means "may NOT attend", the opposite of ours.
+        blocked = None if allowed is None else ~allowed
+        x = x + self.attn(h, h, h, attn_mask=blocked, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour quantisation on the unit sphere with a straight-through gradient.
+
+    ``usage`` counts how often each code was picked (an exponential moving average); codes whose usage falls
+    below ``dead_threshold`` are re-seeded from recent encoder outputs by :meth:`revive_dead_codes`.
+    """
+
+    def __init__(self, size: int, dim: int, commitment: float) -> None:
+        super().__init__()
+        self.commitment = commitment
+        self.codebook = nn.Parameter(F.normalize(torch.randn(size, dim), dim=-1))
+        self.register_buffer("usage", torch.ones(size))
+
+    def normalized_codebook(self) -> torch.Tensor:
+        return F.normalize(self.codebook, dim=-1)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``z (B, K, d)`` -> ``(quantized (B, K, d), ids (B, K), loss)``."""
+        z = F.normalize(z, dim=-1)
+        codes = self.normalized_codebook()
+        ids = (z @ codes.t()).argmax(-1)  # max cosine = min L2 distance on the sphere
+        q = codes[ids]
+        loss = F.mse_loss(q, z.detach()) + self.commitment * F.mse_loss(z, q.detach())
+        if self.training:
+            counts = torch.bincount(ids.flatten(), minlength=codes.shape[0]).float()
+            self.usage.mul_(0.99).add_(counts, alpha=0.01)
+        return z + (q - z).detach(), ids, loss
+
+    @torch.no_grad()
+    def revive_dead_codes(self, recent: torch.Tensor, dead_threshold: float = 1e-3) -> int:
+        """Re-seed unused codes from ``recent (N, d)`` encoder outputs; returns how many were revived."""
+        dead = (self.usage < dead_threshold).nonzero()[:, 0]
+        if dead.numel() == 0 or recent.numel() == 0:
+            return 0
+        picks = recent[torch.randint(0, recent.shape[0], (dead.numel(),), device=recent.device)]
+        self.codebook.data[dead] = F.normalize(picks + 0.01 * torch.randn_like(picks), dim=-1)
+        self.usage[dead] = 1.0
+        return int(dead.numel())
+
+
+class MaskTokenizer(nn.Module):
+    """Encoder + quantizer + decoder. See the module docstring for the contract."""
+
+    def __init__(self, config: MaskTokenizerConfig) -> None:
+        super().__init__()
+        if config.mask_size % config.patch_size:
+            raise ValueError("mask_size must be a multiple of patch_size")
+        self.config = c = config
+        n, k, w = c.grid * c.grid, c.num_tokens, c.width
+        self.patch_embed = nn.Linear(c.patch_size * c.patch_size, w)
+        self.patch_pos = nn.Parameter(torch.randn(n, w) * 0.02)
+        self.latents = nn.Parameter(torch.randn(k, w) * 0.02)
+        self.encoder = nn.ModuleList(_Block(w, c.heads) for _ in range(c.encoder_layers))
+        self.encoder_norm = nn.LayerNorm(w)
+        self.to_code = nn.Linear(w, c.code_dim)
+        self.quantizer = VectorQuantizer(c.codebook_size, c.code_dim, c.commitment)
+        self.from_code = nn.Linear(c.code_dim, w)
+        self.token_pos = nn.Parameter(torch.randn(k, w) * 0.02)
+        self.queries = nn.Parameter(torch.randn(n, w) * 0.02)
+        self.decoder = nn.ModuleList(_Block(w, c.heads) for _ in range(c.decoder_layers))
+        self.decoder_norm = nn.LayerNorm(w)
+        self.to_pixels = nn.Linear(w, c.patch_size * c.patch_size)
+        # Encoder attention: patches see patches; latent i sees all patches and latents 0..i.
+        allowed = torch.ones(n + k, n + k, dtype=torch.bool)
+        allowed[:n, n:] = False
+        allowed[n:, n:] = torch.ones(k, k, dtype=torch.bool).tril()
+        self.register_buffer("encoder_allowed", allowed, persistent=False)
+
+    # -- geometry ---------------------------------------------------------------------------------------
+    def _to_input(self, masks: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W)`` masks (bool or float) -> ``(B, mask_size, mask_size)`` float in [0, 1] (area resize)."""
+        m = masks.float()[:, None]
+        size = self.config.mask_size
+        if m.shape[-2:] != (size, size):
+            m = F.interpolate(m, size=(size, size), mode="area" if m.shape[-1] >= size else "bilinear",
+                              align_corners=None if m.shape[-1] >= size else False)
+        return m[:, 0].clamp(0, 1)
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        b, p, g = x.shape[0], self.config.patch_size, self.config.grid
+        return x.reshape(b, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(b, g * g, p * p)  # (B, N, p*p)
+
+    def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        b, p, g = x.shape[0], self.config.patch_size, self.config.grid
+        return x.reshape(b, g, g, p, p).permute(0, 1, 3, 2, 4).reshape(b, g * p, g * p)  # (B, S, S)
+
+    # -- model ------------------------------------------------------------------------------------------
+    def encode_latents(self, masks: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W)`` -> continuous latents ``(B, K, code_dim)`` before quantisation."""
+        x = self.patch_embed(self._patchify(self._to_input(masks))) + self.patch_pos
+        b, n = x.shape[:2]
+        h = torch.cat([x, self.latents.expand(b, -1, -1)], dim=1)
+        for block in self.encoder:
+            h = block(h, self.encoder_allowed)
+        return self.to_code(self.encoder_norm(h[:, n:]))
+
+    def decode_codes(self, codes: torch.Tensor, keep: int | torch.Tensor | None = None,
+                     size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Quantised codes ``(B, K, code_dim)`` -> mask logits ``(B, H, W)`` (``mask_size`` by default).
+
+        ``keep``: use only the first ``keep`` codes (an int, or ``(B,)`` per row); the rest are masked out.
+        """
+        b, k = codes.shape[:2]
+        tokens = self.from_code(codes) + self.token_pos[:k]
+        n = self.queries.shape[0]
+        h = torch.cat([self.queries.expand(b, -1, -1), tokens], dim=1)
+        allowed = None
+        if keep is not None:
+            keep_t = torch.as_tensor(keep, device=codes.device).reshape(-1).expand(b)
+            if bool((keep_t < 1).any()) or bool((keep_t > k).any()):
+                raise ValueError(f"keep must be in 1..{k}")
+            kept = torch.arange(k, device=codes.device)[None] < keep_t[:, None]  # (B, K)
+            cols = torch.cat([torch.ones(b, n, dtype=torch.bool, device=codes.device), kept], dim=1)
+            allowed = cols[:, None, :] & cols[:, :, None] | torch.eye(n + k, dtype=torch.bool, device=codes.device)
+            allowed = allowed.repeat_interleave(self.config.heads, dim=0)  # (B*heads, L, L)
+        for block in self.decoder:
+            h = block(h, allowed)
+        logits = self._unpatchify(self.to_pixels(self.decoder_norm(h[:, :n])))
+        if size is not None and tuple(size) != tuple(logits.shape[-2:]):
+            logits = F.interpolate(logits[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+        return logits
+
+    def forward(self, masks: torch.Tensor, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Training pass: ``(B, H, W)`` masks -> logits at ``mask_size``, ids and the VQ loss."""
+        z = self.encode_latents(masks)
+        q, ids, vq_loss = self.quantizer(z)
+        return {"logits": self.decode_codes(q, keep), "ids": ids, "vq_loss": vq_loss, "latents": z}
+
+    # -- public API -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, mask: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A bool mask ``(H, W)`` (or a batch ``(B, H, W)``) of any size -> code ids ``(K,)`` (or ``(B, K)``)."""
+        m = torch.as_tensor(np.asarray(mask) if not torch.is_tensor(mask) else mask)
+        single = m.ndim == 2
+        m = m[None] if single else m
+        _, ids, _ = self.quantizer(self.encode_latents(m.to(self.patch_pos.device)))
+        return ids[0] if single else ids
+
+    def codes_for(self, ids: torch.Tensor) -> torch.Tensor:
+        """Code ids ``(..., K)`` -> normalised code vectors ``(..., K, code_dim)``."""
+        return self.quantizer.normalized_codebook()[ids]
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, keep: int | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Code ids ``(K,)`` or ``(B, K)`` -> mask logits ``(H, W)`` or ``(B, H, W)``; threshold at 0."""
+        ids = torch.as_tensor(ids, device=self.patch_pos.device)
+        single = ids.ndim == 1
+        logits = self.decode_codes(self.codes_for(ids[None] if single else ids), keep, size)
+        return logits[0] if single else logits
+
+    def decode_soft(self, probs: torch.Tensor, keep: int | torch.Tensor | None = None,
+                    size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Token probabilities ``(B, K, V)`` -> mask logits: soft codes ``probs @ codebook`` decoded (differentiable)."""
+        if probs.shape[-1] != self.config.codebook_size:
+            raise ValueError(f"expected {self.config.codebook_size} code probabilities, got {probs.shape[-1]}")
+        return self.decode_codes(probs @ self.quantizer.normalized_codebook(), keep, size)
+
+    # -- persistence ------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> None:
+        from safetensors.torch import save_model
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+        save_model(self, str(folder / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, expected: MaskTokenizerConfig | None = None) -> "MaskTokenizer":
+        """Load a tokenizer folder. With ``expected``, a tokenizer whose codebook differs fails clearly."""
+        from safetensors.torch import load_model
+
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{folder} is not a mask tokenizer folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        config = MaskTokenizerConfig(**json.loads((folder / CONFIG_FILE).read_text()))
+        if expected is not None and (config.codebook_size, config.code_dim, config.num_tokens) != (
+            expected.codebook_size, expected.code_dim, expected.num_tokens
+        ):
+            raise ValueError(
+                f"mask tokenizer in {folder} has {config.num_tokens} tokens over a {config.codebook_size}x"
+                f"{config.code_dim} codebook, but the model expects {expected.num_tokens} tokens over "
+                f"{expected.codebook_size}x{expected.code_dim}"
+            )
+        model = cls(config)
+        try:
+            missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False)
+        except Exception as err:  # safetensors raises several types for corrupt files
+            raise ValueError(f"cannot read mask tokenizer weights in {folder}: {err}") from None
+        if missing or unexpected:
+            raise ValueError(f"mask tokenizer weights in {folder} do not match its config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        return model.eval()

@@ -1,0 +1,165 @@
+"""Training the HiMT mask tokenizer (the stage the HiMTok authors never released).
+
+Masks come from any COCO-format ``instances.json`` (SynthRef, or real COCO / refCOCO annotations), placed in
+their image frame as a square (letterboxed like the model input), mixed with procedurally generated shapes.
+Each step draws a random keep length ``1..K`` per mask (tail tokens dropped), applies mild dilation/erosion, and
+minimises BCE + Dice (boundary pixels weighted up) + the VQ loss. Dead codes are revived from recent latents.
+Re-running with the same output folder resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmseg.data.shapes import random_mask
+from mmseg.masks import decode_segmentation
+from mmseg.modeling.losses import dice_loss
+from mmseg.modeling.mask_tokenizer import MaskTokenizer, MaskTokenizerConfig
+
+STATE_FILE = "tokenizer_train_state.pt"
+
+
+def letterbox_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Place a bool ``(H, W)`` mask in a ``size x size`` square the way the model's image transform does."""
+    from PIL import Image
+
+    h, w = mask.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((nw, nh), Image.BILINEAR)) > 127
+    out = np.zeros((size, size), dtype=bool)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = small
+    return out
+
+
+class MaskSource:
+    """Annotation masks of one or more COCO instance files plus procedural shapes, drawn by a caller's RNG."""
+
+    def __init__(self, instance_files: list[Path], size: int, procedural_fraction: float = 0.4) -> None:
+        self.size = size
+        self.procedural_fraction = procedural_fraction
+        self.items: list[tuple[dict, int, int]] = []
+        for path in instance_files:
+            data = json.loads(Path(path).read_text())
+            images = {im["id"]: im for im in data["images"]}
+            for ann in data["annotations"]:
+                im = images.get(ann["image_id"])
+                if im is not None and ann.get("segmentation"):
+                    self.items.append((ann["segmentation"], int(im["height"]), int(im["width"])))
+        if not self.items and procedural_fraction < 1:
+            raise ValueError(f"no annotation masks found in {[str(p) for p in instance_files]}")
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        if not self.items or rng.random() < self.procedural_fraction:
+            return random_mask(rng, self.size)
+        seg, h, w = self.items[int(rng.integers(len(self.items)))]
+        return letterbox_mask(decode_segmentation(seg, h, w), self.size)
+
+
+def morph(masks: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Mild random dilation or erosion (radius 1-2, half the masks) of ``(B, S, S)`` float masks."""
+    out = []
+    for m in masks:
+        radius = int(rng.integers(1, 3)) if rng.random() < 0.5 else 0
+        if radius:
+            x, k = m[None, None], 2 * radius + 1
+            x = F.max_pool2d(x, k, 1, radius) if rng.random() < 0.5 else -F.max_pool2d(-x, k, 1, radius)
+            m = x[0, 0]
+        out.append(m)
+    return torch.stack(out)
+
+
+def boundary_weights(target: torch.Tensor, strength: float = 4.0) -> torch.Tensor:
+    """``(B, S, S)`` targets -> per-pixel weights, ``1 + strength`` within a pixel of an edge."""
+    t = target[:, None]
+    edge = (F.max_pool2d(t, 3, 1, 1) - (-F.max_pool2d(-t, 3, 1, 1))) > 0
+    return 1.0 + strength * edge[:, 0].float()
+
+
+def tokenizer_loss(model: MaskTokenizer, masks: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = model(masks, keep)
+    target = model._to_input(masks)
+    weights = boundary_weights(target)
+    bce = F.binary_cross_entropy_with_logits(out["logits"], target, weight=weights)
+    dice = dice_loss(out["logits"], target)
+    return {"bce": bce, "dice": dice, "vq": out["vq_loss"], "loss": bce + dice + out["vq_loss"], "latents": out["latents"]}
+
+
+def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: MaskTokenizerConfig | None = None,
+                    steps: int = 20000, batch_size: int = 64, lr: float = 1e-3, max_minutes: float | None = None,
+                    seed: int = 0, progress: bool = True, log_every: int = 50, save_every: int = 500) -> dict:
+    """Train (or resume) a mask tokenizer on the masks of ``data_dirs`` (folders holding ``*/instances.json``
+    or ``instances.json`` files directly). Returns a summary with the final losses."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    files: list[Path] = []
+    for d in map(Path, data_dirs):
+        found = [d] if d.is_file() else sorted(d.glob("instances.json")) + sorted(d.glob("*/instances.json"))
+        if not found:
+            raise FileNotFoundError(f"no instances.json in {d} (expected DATA/<dataset>/instances.json, COCO format)")
+        files += found
+    state_path = out_dir / STATE_FILE
+    if state_path.is_file():
+        model = MaskTokenizer.from_pretrained(out_dir).train()
+        state = torch.load(state_path, weights_only=True)
+    else:
+        model, state = MaskTokenizer(config or MaskTokenizerConfig()).train(), None
+    source = MaskSource(files, size=model.config.mask_size * 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    step, elapsed_before, history = 0, 0.0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
+        history = json.loads((out_dir / "tokenizer_history.json").read_text())
+    start = time.perf_counter()
+    k = model.config.num_tokens
+    bar = tqdm(total=steps, initial=step, desc="train-tokenizer", disable=not progress)
+
+    def save() -> None:
+        model.save_pretrained(out_dir)
+        torch.save({"optimizer": optimizer.state_dict(), "step": step,
+                    "elapsed_s": elapsed_before + time.perf_counter() - start}, state_path)
+        (out_dir / "tokenizer_history.json").write_text(json.dumps(history))
+
+    while step < steps:
+        rng = np.random.default_rng(seed * 1_000_003 + step)
+        masks = torch.from_numpy(np.stack([source.draw(rng) for _ in range(batch_size)])).float()
+        masks = morph(masks, rng)
+        # Nested dropout: half the rows keep every token, the rest a uniform prefix length.
+        keep = torch.where(torch.from_numpy(rng.random(batch_size) < 0.5), torch.full((batch_size,), k),
+                           torch.from_numpy(rng.integers(1, k + 1, batch_size)))
+        progress_fraction = step / steps
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress_fraction)))
+        losses = tokenizer_loss(model, masks, keep)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        if step % 100 == 0:
+            model.quantizer.revive_dead_codes(F.normalize(losses["latents"].detach().flatten(0, 1), dim=-1))
+        if step % log_every == 0:
+            record = {"step": step, **{n: round(float(losses[n]), 4) for n in ("loss", "bce", "dice", "vq")},
+                      "codes_in_use": int((model.quantizer.usage > 1e-3).sum())}
+            history.append(record)
+            bar.set_postfix(loss=record["loss"], dice=record["dice"], codes=record["codes_in_use"])
+        out_of_time = max_minutes is not None and elapsed_before + time.perf_counter() - start > max_minutes * 60
+        if step % save_every == 0 or step == steps or out_of_time:
+            save()
+        if out_of_time:
+            break
+    bar.close()
+    save()
+    return {"step": step, "elapsed_s": round(elapsed_before + time.perf_counter() - start, 1),
+            **(history[-1] if history else {})}

@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+import torch
+
+from mmseg.modeling.mask_tokenizer import MaskTokenizer, MaskTokenizerConfig
+
+TINY = MaskTokenizerConfig(mask_size=32, patch_size=8, width=32, encoder_layers=2, decoder_layers=2, heads=2,
+                           num_tokens=8, codebook_size=64, code_dim=8)
+
+
+def _disc(size=48, r=12):
+    yy, xx = np.mgrid[:size, :size]
+    return (yy - size / 2) ** 2 + (xx - size / 3) ** 2 < r * r
+
+
+def test_shapes_for_masks_of_any_size():
+    tok = MaskTokenizer(TINY).eval()
+    ids = tok.encode(_disc(48))
+    assert ids.shape == (8,) and ids.dtype == torch.long and int(ids.max()) < 64
+    assert tok.decode(ids, size=(30, 70)).shape == (30, 70)
+    assert tok.decode(ids, keep=3).shape == (32, 32)
+    batch = tok.encode(torch.stack([torch.from_numpy(_disc(40)), torch.zeros(40, 40, dtype=torch.bool)]))
+    assert batch.shape == (2, 8)
+
+
+def test_latent_order_is_causal():
+    """Changing a later latent never changes an earlier latent's encoding."""
+    torch.manual_seed(0)
+    tok = MaskTokenizer(TINY).eval()
+    mask = torch.from_numpy(_disc(32))[None]
+    with torch.no_grad():
+        before = tok.encode_latents(mask)
+        tok.latents.data[5:] += torch.randn_like(tok.latents.data[5:])
+        after = tok.encode_latents(mask)
+    torch.testing.assert_close(before[:, :5], after[:, :5])
+    assert not torch.allclose(before[:, 5:], after[:, 5:])
+
+
+def test_dropped_tokens_do_not_reach_the_decoder():
+    torch.manual_seed(0)
+    tok = MaskTokenizer(TINY).eval()
+    ids = tok.encode(_disc(32))
+    other = ids.clone()
+    other[4:] = (other[4:] + 7) % 64
+    torch.testing.assert_close(tok.decode(ids, keep=4), tok.decode(other, keep=4))
+    assert not torch.allclose(tok.decode(ids), tok.decode(other))
+    with pytest.raises(ValueError, match="keep"):
+        tok.decode(ids, keep=0)
+
+
+def test_soft_decoding_of_one_hot_equals_hard_decoding():
+    tok = MaskTokenizer(TINY).eval()
+    ids = tok.encode(_disc(32))
+    probs = torch.nn.functional.one_hot(ids, 64).float()[None]
+    with torch.no_grad():
+        torch.testing.assert_close(tok.decode_soft(probs, keep=6)[0], tok.decode(ids, keep=6))
+    with pytest.raises(ValueError, match="code probabilities"):
+        tok.decode_soft(torch.ones(1, 8, 10))
+
+
+def test_save_load_identity_and_codebook_mismatch(tmp_path):
+    tok = MaskTokenizer(TINY).eval()
+    tok.save_pretrained(tmp_path)
+    loaded = MaskTokenizer.from_pretrained(tmp_path, expected=TINY)
+    ids = tok.encode(_disc(32))
+    assert torch.equal(loaded.encode(_disc(32)), ids)
+    torch.testing.assert_close(loaded.decode(ids), tok.decode(ids))
+    other = MaskTokenizerConfig(**{**TINY.__dict__, "codebook_size": 128})
+    with pytest.raises(ValueError, match="codebook"):
+        MaskTokenizer.from_pretrained(tmp_path, expected=other)
+    with pytest.raises(FileNotFoundError, match="not a mask tokenizer"):
+        MaskTokenizer.from_pretrained(tmp_path / "nowhere")
+
+
+def test_dead_codes_are_revived():
+    tok = MaskTokenizer(TINY)
+    tok.quantizer.usage[:10] = 0.0
+    assert tok.quantizer.revive_dead_codes(torch.randn(5, 8)) == 10
+    assert bool((tok.quantizer.usage[:10] == 1).all())
+
+
+def test_procedural_shapes_are_varied_and_non_empty():
+    from mmseg.data.shapes import random_mask
+
+    rng = np.random.default_rng(0)
+    masks = [random_mask(rng, 64) for _ in range(40)]
+    assert all(m.shape == (64, 64) and m.any() for m in masks)
+    assert len({int(m.sum()) for m in masks}) > 30
+
+
+@pytest.mark.slow
+def test_tokenizer_training_learns_and_resumes(synthref_root, tmp_path):
+    from mmseg.train_tokenizer import train_tokenizer
+
+    first = train_tokenizer([synthref_root], tmp_path, TINY, steps=40, batch_size=16, progress=False, log_every=10,
+                            save_every=20)
+    history = __import__("json").loads((tmp_path / "tokenizer_history.json").read_text())
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert first["step"] == 40
+    resumed = train_tokenizer([synthref_root], tmp_path, TINY, steps=50, batch_size=16, progress=False, log_every=10)
+    assert resumed["step"] == 50
+    tok = MaskTokenizer.from_pretrained(tmp_path, expected=TINY)
+    assert tok.encode(_disc(32)).shape == (8,)
+
+
+def test_train_tokenizer_without_masks_is_a_clear_error(tmp_path):
+    from mmseg.train_tokenizer import train_tokenizer
+
+    with pytest.raises(FileNotFoundError, match="instances.json"):
+        train_tokenizer([tmp_path], tmp_path / "out", TINY, steps=1)
