@@ -64,22 +64,27 @@ CSS = """
 """
 
 
-class UploadImage(gr.Image):
-    """``gr.Image`` that hands an unreadable upload to our checks instead of failing inside Gradio, so that a
-    corrupt or non-image file gets the app's own message (a template component: same front end as Image)."""
+def upload_image(**kwargs: Any) -> gr.Image:
+    """``gr.Image(type="filepath")`` that hands an unreadable upload to our checks instead of failing inside
+    Gradio's preprocessing, so that a corrupt or non-image file gets the app's own message. (Patched on the
+    instance: a subclass would make Gradio write a .pyi stub next to this file. The app never sends a prop
+    update to an image, which would replace the instance.)"""
+    component = gr.Image(type="filepath", image_mode=None, **kwargs)
+    preprocess = component.preprocess
 
-    is_template = True
-
-    def preprocess(self, payload):  # noqa: D401 - Gradio hook
+    def tolerant(payload):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                return super().preprocess(payload)
+                return preprocess(payload)
         except Exception:
             path = getattr(payload, "path", None)
             if path:
                 return path
             raise gr.Error("That upload is not an image I can read.", print_exception=False) from None
+
+    component.preprocess = tolerant
+    return component
 
 
 @dataclass
@@ -229,10 +234,11 @@ def build_app(segmenters: Any, title: str = "mmseg · chat and segment") -> gr.B
                     "Every mask of the latest answer is drawn over the image.", elem_id="title")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
-                image = UploadImage(label="Image", type="filepath", image_mode=None, height=340,
-                                    sources=["upload", "clipboard", "webcam"], elem_id="image")
+                image = upload_image(label="Image", height=340, sources=["upload", "clipboard", "webcam"],
+                                     elem_id="image")
             with gr.Column(scale=1, min_width=300):
-                overlay = gr.AnnotatedImage(label="Masks of the latest answer", height=340, elem_id="overlay")
+                overlay = gr.AnnotatedImage(label="Masks of the latest answer", height=340, elem_id="overlay",
+                                           format="png")
         chatbot = gr.Chatbot(label="Chat", height=340, elem_id="chat", feedback_options=None,
                              buttons=["copy", "copy_all"], allow_tags=False,
                              placeholder="Answers appear here. `[mask 1]` in an answer is mask 1 on the image.")
@@ -278,7 +284,7 @@ def build_app(segmenters: Any, title: str = "mmseg · chat and segment") -> gr.B
         threshold.release(rethreshold, [session, threshold], [overlay, files, timings], concurrency_limit=None, **ui)
 
         with gr.Column(visible=False):  # inputs and outputs of the API endpoints only
-            a_image = UploadImage(type="filepath", image_mode=None, label="image")
+            a_image = upload_image(label="image")
             a_text = gr.Textbox(label="text")
             a_head = gr.Textbox(value="", label="head")
             a_history = gr.JSON(value=[], label="history")

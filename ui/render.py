@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmseg.masks import save_mask_png
+from mmseg.masks import overlay, save_mask_png
 from ui.core import MAX_PNG_PIXELS, Result
 
 SEG = "<seg>"
@@ -76,11 +76,13 @@ def overlay_value(result: Result | None) -> tuple | None:
         return None
     size = _display_size(result.image.size)
     image = result.image if size == result.image.size else result.image.resize(size, Image.Resampling.BILINEAR)
-    annotations = []
-    for mask, label in zip(result.masks, mask_labels(result)):
-        m = mask if mask.shape == (size[1], size[0]) else np.asarray(
-            Image.fromarray(mask).resize(size, Image.Resampling.NEAREST), dtype=bool)
-        annotations.append((m.astype(np.float32) * MASK_ALPHA, label))  # the value is the mask's opacity
+    masks = [mask if mask.shape == (size[1], size[0]) else
+             np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST), dtype=bool)
+             for mask in result.masks]
+    if masks:  # opaque outlines on the image (mmseg.masks.overlay with no fill), fills as annotations
+        image = overlay(image, masks, alpha=0.0)
+    # the annotation's value is its opacity
+    annotations = [(m.astype(np.float32) * MASK_ALPHA, label) for m, label in zip(masks, mask_labels(result))]
     return image, annotations
 
 
