@@ -16,7 +16,7 @@ from eval.layouts import DataError, ParquetReferDataset, detect_layout, open_dat
 from eval.runner import RunDirError, run_eval
 from mmseg.data.refer import ReferDataset
 from mmseg.predictor import Answer, Segmenter
-from tiny import tiny_model
+from tiny import force_answer, tiny_model
 
 LIMIT = 30
 QUIET = {"report": False, "log": lambda s: None}
@@ -126,20 +126,12 @@ def test_a_folder_of_another_run_is_refused(reference, val, tmp_path):
         run_eval(seg, val, tmp_path / "run", settings={"model": "shift"}, limit=LIMIT, **QUIET)
 
 
-def forced(answer_ids):
-    def constrain(session, logits):
-        step = len(session.tokens[0])
-        out = torch.full_like(logits, -1e9)
-        out[:, answer_ids[min(step, len(answer_ids) - 1)]] = 0
-        return out
-
-    return constrain
 
 
 @pytest.fixture(scope="module")
 def segmenter():
     model, proc = tiny_model(seed=3)
-    model.head.constrain = forced([proc.seg_token_id, proc.eos_token_id])
+    model.head.constrain = force_answer([proc.seg_token_id, proc.eos_token_id])
     return Segmenter(model, proc)
 
 

@@ -6,25 +6,15 @@ from PIL import Image
 from mmseg.imageio import ImageError
 from mmseg.predictor import Answer, Segmenter, logits_to_original
 from mmseg.processing import ImageTransform
-from tiny import tiny_model
+from tiny import force_answer, tiny_model
 
 
-def forced(answer_ids):
-    """A constrain() that makes the model say ``answer_ids`` (so an untrained model gives a mask)."""
-
-    def constrain(session, logits):
-        step = len(session.tokens[0])
-        out = torch.full_like(logits, -1e9)
-        out[:, answer_ids[min(step, len(answer_ids) - 1)]] = 0
-        return out
-
-    return constrain
 
 
 @pytest.fixture(scope="module")
 def segmenter():
     model, proc = tiny_model(seed=5)
-    model.head.constrain = forced([proc.seg_token_id, proc.eos_token_id])
+    model.head.constrain = force_answer([proc.seg_token_id, proc.eos_token_id])
     return Segmenter(model, proc)
 
 

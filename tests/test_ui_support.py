@@ -29,21 +29,11 @@ def needs_checkpoint():
 
 def forced_segmenter(seed: int = 5, answer: str = "seg"):
     """A tiny untrained Segmenter whose head forces the answer ``<seg>`` then end (so it always gives a mask)."""
-    import torch
-
     from mmseg.predictor import Segmenter
-    from tiny import tiny_model
+    from tiny import force_answer, tiny_model
 
     model, proc = tiny_model(seed=seed)
-    ids = [proc.seg_token_id, proc.eos_token_id]
-
-    def constrain(session, logits):
-        step = len(session.tokens[0])
-        out = torch.full_like(logits, -1e9)
-        out[:, ids[min(step, len(ids) - 1)]] = 0
-        return out
-
-    model.head.constrain = constrain
+    model.head.constrain = force_answer([proc.seg_token_id, proc.eos_token_id])
     return Segmenter(model, proc)
 
 

@@ -32,3 +32,17 @@ def tiny_model(head: str = "stamp", seed: int = 0, **head_options):
     tokenizer = build_tokenizer(config, CORPUS, vocab_size=300)
     model, processor = build_model(config, tokenizer)
     return model.eval(), processor
+
+
+def force_answer(answer_ids):
+    """A ``constrain`` that makes the model say ``answer_ids`` (so an untrained model emits a mask)."""
+
+    def constrain(session, logits):
+        import torch
+
+        step = len(session.tokens[0])
+        out = torch.full_like(logits, -1e9)
+        out[:, answer_ids[min(step, len(answer_ids) - 1)]] = 0
+        return out
+
+    return constrain
