@@ -39,6 +39,7 @@ def measure(seg: Segmenter, ds: ReferDataset, n: int, batch_size: int) -> tuple[
     return row, masks
 
 
+@torch.no_grad()  # scoped: importing and calling main() leaves autograd as it was
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="checkpoints/synthref-stamp")
@@ -49,7 +50,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default="benchmarks/results/eval_throughput.json")
     args = parser.parse_args(argv)
 
-    torch.set_grad_enabled(False)
     seg = Segmenter.from_pretrained(args.model, device=args.device)
     ds = ReferDataset(args.data, "synthref", "unc", "val")
     n = min(args.n, len(ds))

@@ -36,6 +36,7 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()  # scoped: importing and calling main() leaves autograd as it was
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="checkpoints/synthref-stamp")
@@ -45,7 +46,6 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/latency.json")
     args = parser.parse_args()
 
-    torch.set_grad_enabled(False)
     seg = Segmenter.from_pretrained(args.model, device="cpu")
     model, proc = seg.model, seg.processor
     pixels, _ = proc.preprocess_image(load_image(args.image))

@@ -23,6 +23,7 @@ from mmseg.evaluation import evaluate_qa, evaluate_refer  # noqa: E402
 from mmseg.predictor import Segmenter  # noqa: E402
 
 
+@torch.no_grad()  # scoped: importing and calling main() leaves autograd as it was
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="checkpoints/synthref-stamp")
@@ -33,7 +34,6 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/synthref_eval.json")
     args = parser.parse_args()
 
-    torch.set_grad_enabled(False)
     seg = Segmenter.from_pretrained(args.model, device="cpu")
     results: dict = {"model": args.model, "data": args.data, "head": seg.head_name}
     for split in args.splits:

@@ -139,7 +139,8 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
                            torch.from_numpy(rng.integers(1, k + 1, batch_size)))
         progress_fraction = step / steps
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress_fraction)))
+            # a plain float: the optimizer state is saved and reloaded with torch.load(weights_only=True)
+            group["lr"] = float(lr * min(1.0, (step + 1) / 200) * (0.1 + 0.45 * (1 + np.cos(np.pi * progress_fraction))))
         losses = tokenizer_loss(model, masks, keep)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
