@@ -27,7 +27,9 @@ class DecodeSession:
 
     ``cache_valid (B, L)``: which cache slots hold real tokens (False for left padding and for steps fed to
     rows that had already finished). ``cache_positions (B, L)``: the position id of each slot.
-    ``mask_points[b]``: cache indices of the ``<seg>`` tokens row ``b`` emitted.
+    ``mask_points[b]``: cache indices of the tokens that opened a mask point in row ``b`` (the head's
+    ``mask_point_token_id``, ``<seg>`` by default). ``state``: scratch space a head keeps between its calls
+    (e.g. HiMTok's per-step code probabilities), keyed by the head.
     """
 
     model: MMSegModel
@@ -40,6 +42,7 @@ class DecodeSession:
     mask_points: list[list[int]] = field(default_factory=list)
     point_hidden: list[list[torch.Tensor]] = field(default_factory=list)  # last hidden state at each mask point
     options: dict = field(default_factory=dict)  # per-call head options, e.g. keep_tokens
+    state: dict = field(default_factory=dict)  # per-head generation state
 
     @property
     def batch_size(self) -> int:
@@ -67,6 +70,15 @@ class DecodeSession:
         self.cache_valid = torch.cat([self.cache_valid, valid], dim=1)
         self.cache_positions = torch.cat([self.cache_positions, positions], dim=1)
         return hidden
+
+    def replace_last(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Re-run the LAST cache slot with new input ``embeds (B, 1, D)`` (same position, same validity): its KV
+        entries are overwritten and the cache length is unchanged. Returns its new hidden state ``(B, 1, D)``.
+        For heads that steer a token after it was fed (see :meth:`MaskHead.after_step`)."""
+        valid, positions = self.cache_valid[:, -1:], self.cache_positions[:, -1:]
+        self.cache.crop(-1)
+        self.cache_valid, self.cache_positions = self.cache_valid[:, :-1], self.cache_positions[:, :-1]
+        return self.feed(embeds, positions, valid)
 
     def run_extra(self, embeds: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Run positions that must not stay in the cache (e.g. STAMP's mask queries): ``attention (B, 1, Q, L+Q)``.
@@ -99,6 +111,7 @@ class Generation:
     tokens: list[list[int]]
     masks: list[list[MaskPrediction]]
     timings: dict[str, float]
+    text_tokens: list[list[int]] = field(default_factory=list)  # tokens as the answer text shows them (<seg>)
 
 
 def start_session(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor, *, pad_token_id: int,
@@ -133,12 +146,20 @@ def start_session(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_val
 
 @torch.inference_mode()
 def generate(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor, *, eos_token_id: int,
-             pad_token_id: int, mask_token_id: int, max_new_tokens: int = 48, options: dict | None = None) -> Generation:
+             pad_token_id: int, mask_token_id: int | None = None, max_new_tokens: int = 48,
+             options: dict | None = None) -> Generation:
     """Greedy decoding of a batch of prompts (token ids with ``<image>`` already expanded).
 
-    ``mask_token_id`` is the token that opens a mask point in the text (``<seg>``). Text generation runs to
-    ``eos`` (or ``max_new_tokens``) for every row; then the head decodes every mask point.
+    A mask point opens where a row emits the head's ``mask_point_token_id`` (``mask_token_id`` overrides it;
+    leave it None so that nothing outside the head needs to know which head runs). Each row generates up to
+    ``max_new_tokens`` text tokens (steps the head dictates inside a mask span do not count) or to ``eos``;
+    then the head decodes every mask point. ``options`` go to the head (e.g. ``keep_tokens``).
     """
+    head = model.head
+    options = dict(options or {})
+    head.check_options(options)
+    if mask_token_id is None:
+        mask_token_id = head.mask_point_token_id
     timings: dict[str, float] = {}
     start = time.perf_counter()
     features = model.image_features(pixel_values.to(model.device))
@@ -156,8 +177,10 @@ def generate(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_values: 
     b = session.batch_size
     next_pos = session.cache_positions[:, -1] + 1
     finished = torch.zeros(b, dtype=torch.bool, device=session.device)
-    for _ in range(max_new_tokens):
-        logits = model.head.constrain(session, logits)
+    used = torch.zeros(b, dtype=torch.long, device=session.device)  # text tokens spent per row
+    while max_new_tokens > 0:
+        dictated = head.in_mask_span(session)
+        logits = head.constrain(session, logits)
         chosen = logits.argmax(-1)
         chosen = torch.where(finished, torch.full_like(chosen, pad_token_id), chosen)
         alive = ~finished
@@ -169,17 +192,22 @@ def generate(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_values: 
             if token == mask_token_id:
                 session.mask_points[row].append(session.cache_length)  # the slot this token is about to take
                 opened.append(row)
-        finished = finished | (chosen == eos_token_id)
-        if bool(finished.all()):
+        used = used + (alive & ~dictated).long()
+        finished = finished | (chosen == eos_token_id) | (used >= max_new_tokens)
+        if bool(finished.all()) and not opened:
             break
+        # A token that opens a mask point is always fed, even as a row's last one: heads read its cache slot.
         hidden = session.feed(embed_layer(chosen)[:, None], next_pos[:, None], alive[:, None])
+        hidden = head.after_step(session, hidden, chosen)
         for row in opened:
             session.point_hidden[row].append(hidden[row, -1])
+        if bool(finished.all()):
+            break
         next_pos = next_pos + 1
         logits = output_layer(hidden[:, -1]).float()
     timings["text_ms"] = _ms(start)
 
     start = time.perf_counter()
-    masks = model.head.decode(session)
+    masks = head.decode(session)
     timings["mask_ms"] = _ms(start)
-    return Generation(session.tokens, masks, timings)
+    return Generation(session.tokens, masks, timings, [head.answer_tokens(t) for t in session.tokens])

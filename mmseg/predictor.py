@@ -106,8 +106,7 @@ class Segmenter:
         device = self.model.device
         gen = generate(
             self.model, prompts, torch.stack(pixels).to(device), eos_token_id=self.processor.eos_token_id,
-            pad_token_id=self.processor.pad_token_id, mask_token_id=self.processor.seg_token_id,
-            max_new_tokens=self.max_new_tokens, options=options,
+            pad_token_id=self.processor.pad_token_id, max_new_tokens=self.max_new_tokens, options=options,
         )
         answers = []
         for row, (box, note) in enumerate(zip(boxes, notes)):
@@ -122,7 +121,7 @@ class Segmenter:
             timings = {"preprocess_ms": preprocess_ms / len(boxes), **gen.timings, "postprocess_ms": post_ms}
             timings["total_ms"] = sum(timings.values())
             answers.append(Answer(
-                text=self.processor.decode(gen.tokens[row]), masks=masks, boxes=[mask_to_box(m) for m in masks],
+                text=self.processor.decode(gen.text_tokens[row]), masks=masks, boxes=[mask_to_box(m) for m in masks],
                 timings=timings, info=infos, notes=note, logits=mask_logits,
             ))
         return answers

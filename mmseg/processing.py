@@ -87,11 +87,15 @@ class ImageTransform:
 
 def train_bpe_tokenizer(corpus: Iterable[str], vocab_size: int, extra_special: Sequence[str] = ()):
     """Train a byte-level BPE tokenizer (any text encodes; there is no unknown token) and wrap it as a
-    ``PreTrainedTokenizerFast`` with our special tokens and chat template."""
+    ``PreTrainedTokenizerFast`` with our special tokens and chat template.
+
+    ``vocab_size`` is the size of the TEXT vocabulary (our control tokens, bytes, merges); a head's tokens
+    (``extra_special``, e.g. HiMTok's 1026 mask tokens) are appended after training, so they never crowd out
+    the merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = list(dict.fromkeys([*BASE_SPECIAL_TOKENS, *extra_special]))
+    special = list(BASE_SPECIAL_TOKENS)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -102,6 +106,9 @@ def train_bpe_tokenizer(corpus: Iterable[str], vocab_size: int, extra_special: S
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
+    extra = [t for t in dict.fromkeys(extra_special) if t not in special]
+    if extra:
+        tok.add_special_tokens(extra)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=IM_END)
     fast.chat_template = CHAT_TEMPLATE
     return fast

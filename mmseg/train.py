@@ -127,8 +127,10 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     collate = Collator(processor, model.head)
     pool = ExamplePool(train_set, train_qa, image_root)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    # Frozen parameters (e.g. a head's frozen parts) stay out of the optimizer, so weight decay never moves them.
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95),

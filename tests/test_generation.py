@@ -82,3 +82,48 @@ def test_no_mask_point_means_no_mask():
     if proc.seg_token_id not in out.tokens[0]:
         assert out.masks == [[]]
     assert set(out.timings) == {"vision_ms", "prefill_ms", "text_ms", "mask_ms"}
+
+
+def test_replace_last_overwrites_one_cache_slot_in_place():
+    """The shaper hook's primitive: re-running the last position replaces its KV entries, length unchanged."""
+    model, proc = tiny_model(seed=6)
+    prompt = _prompt(proc, "the red circle")
+    pixels = torch.randn(1, 3, 64, 64)
+    embed = model.lm.get_input_embeddings()
+    tokens = torch.tensor([[7], [9]])
+    with torch.no_grad():
+        session, _ = start_session(model, [prompt], pixels, pad_token_id=proc.pad_token_id)
+        pos = session.cache_positions[:, -1:] + 1
+        first = session.feed(embed(tokens[0])[None], pos, torch.ones(1, 1, dtype=torch.bool))
+        length = session.cache_length
+        same = session.replace_last(embed(tokens[0])[None])
+        torch.testing.assert_close(same, first, atol=1e-5, rtol=1e-4)
+        shifted = embed(tokens[0])[None] + 0.5  # a control vector added to the token's input embedding
+        steered = session.replace_last(shifted)
+        assert session.cache_length == length and not torch.allclose(steered, first)
+        after = session.feed(embed(tokens[1])[None], pos + 1, torch.ones(1, 1, dtype=torch.bool))
+        # the next token sees the REPLACED entries: same as recomputing the whole sequence with the shifted input
+        embeds, _ = model.embed_inputs(torch.tensor([prompt]), pixels)
+        full = torch.cat([embeds, shifted, embed(tokens[1])[None]], 1)
+        hidden = model.decoder(inputs_embeds=full).last_hidden_state
+    torch.testing.assert_close(after[:, -1], hidden[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_after_step_sees_every_fed_token_and_the_head_picks_the_mask_point(monkeypatch):
+    model, proc = tiny_model(seed=7)
+    calls = []
+
+    def after_step(session, hidden, chosen):
+        calls.append(chosen.clone())
+        return hidden
+
+    monkeypatch.setattr(model.head, "after_step", after_step)
+    from tiny import force_answer
+
+    answer = proc.encode_model_text("Sure, <seg>.") + [proc.eos_token_id]
+    monkeypatch.setattr(model.head, "constrain", force_answer(answer))
+    out = generate(model, [_prompt(proc, "the red circle")], torch.randn(1, 3, 64, 64), eos_token_id=proc.eos_token_id,
+                   pad_token_id=proc.pad_token_id, max_new_tokens=10)  # no mask_token_id: the head says <seg>
+    assert out.tokens[0] == answer[:-1] and len(out.masks[0]) == 1
+    assert [int(c) for c in calls] == answer[:-1]  # every fed token; eos ends the loop unfed
+    assert out.text_tokens == out.tokens

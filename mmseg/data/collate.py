@@ -72,7 +72,8 @@ class Collator:
 
     Keys: ``input_ids, attention_mask, labels (B, T)``, ``pixel_values (B, 3, S, S)``,
     ``mask_targets (B, S, S)`` in {0, 1} placed like the letterboxed image, ``seg_positions (B,)``
-    (index of the first ``<seg>`` in the text, -1 if none).
+    (index of the first mask point in the expanded text, -1 if none: ``<seg>``, or the token the head's
+    ``mask_point_token_id`` names, e.g. HiMTok's ``<mt_start>``).
     """
 
     def __init__(self, processor: Processor, head: MaskHead) -> None:
@@ -101,8 +102,8 @@ class Collator:
             input_ids[i, : len(ids)] = torch.tensor(ids)
             label_ids[i, : len(lab)] = torch.tensor(lab)
             attention[i, : len(ids)] = 1
-            if proc.seg_token_id in ids:
-                seg_positions[i] = ids.index(proc.seg_token_id)
+            if self.head.mask_point_token_id in ids:
+                seg_positions[i] = ids.index(self.head.mask_point_token_id)
         return {
             "input_ids": input_ids, "attention_mask": attention, "labels": label_ids,
             "pixel_values": torch.stack(pixels), "mask_targets": torch.stack(targets), "seg_positions": seg_positions,

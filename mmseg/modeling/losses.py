@@ -22,3 +22,20 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def downsample_targets(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``(N, S, S)`` masks in {0,1} -> ``(N, h, w)`` area fractions (soft targets that keep thin parts)."""
     return F.adaptive_avg_pool2d(masks[:, None].float(), size)[:, 0]
+
+
+def gaussian_blur(masks: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur ``(N, h, w)`` soft masks with a Gaussian of ``sigma`` pixels (zero padding: outside is background).
+
+    Used for coarse targets: a mask decoded from few tokens cannot carry sharp edges, so it is compared with a
+    softened target rather than being pushed toward details it cannot represent."""
+    if sigma <= 0:
+        return masks
+    radius = max(1, int(3.0 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=masks.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(masks.dtype)
+    out = masks[:, None]
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0)), kernel.view(1, 1, 1, -1))  # along width
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius)), kernel.view(1, 1, -1, 1))  # along height
+    return out[:, 0]

@@ -5,8 +5,12 @@
 - at training time, ``expand_targets`` rewrites one sample's token ids (e.g. HiMTok puts its 32 mask tokens
   there), ``extra_inputs`` may append positions after the text (e.g. STAMP's mask queries), and ``loss`` adds
   the head's own terms to the shared text cross-entropy;
-- at inference, ``constrain`` may restrict next-token logits during generation and ``decode`` turns the
-  finished :class:`~mmseg.generation.DecodeSession` into one :class:`MaskPrediction` per mask point.
+- at inference, ``mask_point_token_id`` is the generated token that opens a mask point (``<seg>`` unless the
+  head realises it differently), ``constrain`` may restrict next-token logits, ``in_mask_span`` marks steps the
+  head dictates (not counted toward the text budget), ``after_step`` may revise the hidden state of the token
+  just fed, and ``decode`` turns the finished :class:`~mmseg.generation.DecodeSession` into one
+  :class:`MaskPrediction` per mask point; ``answer_tokens`` renders the head's realisation back as ``<seg>``
+  for the answer text.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class MaskHead(nn.Module):
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
+    mask_point_token_id: int  # set by bind(): the generated token that opens a mask point
+    seg_token_id: int  # set by bind(): the shared <seg> placeholder
 
     @classmethod
     def special_tokens_for(cls, config: Any) -> list[str]:
@@ -61,7 +67,11 @@ class MaskHead(nn.Module):
         return self.special_tokens_for(self.config)  # type: ignore[attr-defined]
 
     def bind(self, processor: Any, lm: nn.Module) -> None:
-        """Called once the tokenizer and LM exist: look up token ids, initialise new embedding rows."""
+        """Called once the tokenizer and LM exist: look up token ids, initialise new embedding rows.
+
+        Subclasses call ``super().bind`` first; by default a mask point opens at ``<seg>``."""
+        self.seg_token_id = processor.seg_token_id
+        self.mask_point_token_id = processor.seg_token_id
 
     def expand_targets(self, input_ids: list[int], labels: list[int], mask: torch.Tensor | None) -> tuple[list[int], list[int]]:
         """Training: rewrite one sample's ids/labels where ``<seg>`` stands. ``mask`` is ``(S, S)`` in {0,1} or None."""
@@ -76,9 +86,33 @@ class MaskHead(nn.Module):
         """The head's weighted loss terms; the model adds the text cross-entropy."""
         raise NotImplementedError
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Generation: reject bad per-call options (e.g. ``keep_tokens``) with a ValueError before any work."""
+
     def constrain(self, session: "DecodeSession", logits: torch.Tensor) -> torch.Tensor:
-        """Generation: adjust next-token logits ``(B, V)`` (identity by default)."""
+        """Generation: adjust next-token logits ``(B, V)`` (identity by default). Called once per step, before
+        the greedy choice, so a head may also record per-step state in ``session.state``."""
         return logits
+
+    def in_mask_span(self, session: "DecodeSession") -> torch.Tensor:
+        """Generation: ``(B,)`` bool, rows whose next token belongs to the head's own realisation of a mask
+        (e.g. HiMTok's code tokens). Such steps do not count toward ``max_new_tokens``, so a mask is never cut
+        off by the text budget. None by default."""
+        return torch.zeros(session.batch_size, dtype=torch.bool, device=session.device)
+
+    def after_step(self, session: "DecodeSession", hidden: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Generation: called after each fed token ``chosen (B,)`` with its last hidden state ``hidden (B, 1, D)``;
+        returns the hidden state the next logits are read from. Identity by default.
+
+        The hook for heads that steer decoding: one may add a control vector to the input embedding of the token
+        just fed and re-run that one position with :meth:`DecodeSession.replace_last`, which overwrites its KV
+        entries (the cache length is unchanged), then return the new hidden state."""
+        return hidden
+
+    def answer_tokens(self, ids: list[int]) -> list[int]:
+        """Generated ids -> ids as the answer text shows them: the head's realisation of each mask point is
+        rendered as ``<seg>`` (identity by default)."""
+        return list(ids)
 
     def decode(self, session: "DecodeSession") -> list[list[MaskPrediction]]:
         """Inference: one list of masks per row, one mask per ``<seg>`` (or the head's equivalent) it emitted."""

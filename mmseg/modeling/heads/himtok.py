@@ -1,0 +1,431 @@
+"""HiMTok: a mask spoken as hierarchical discrete tokens in the answer text.
+
+A frozen HiMT mask tokenizer (:mod:`mmseg.modeling.mask_tokenizer`) turns a mask into ``K`` (32) code ids, early
+ones coarse, later ones fine. The LM learns to say them: ``<seg>`` in an answer is realised as ::
+
+    <mt_start> <mt_0417> <mt_0012> ... (K code tokens) <mt_end>
+
+Vocabulary: ``<mt_start>``, ``<mt_end>`` and one token per codebook entry (``<mt_0000>`` .. ``<mt_1023>``).
+With a pretrained LM, the builder's resize starts the new input AND output rows at the mean of the existing
+rows (transformers' mean resizing), so the new tokens begin as "average" tokens, not random outliers; a tiny
+LM built from scratch has no pretrained rows to average and starts every row at random.
+
+Training (``expand_targets`` + ``loss``): the codes of the ground-truth mask stand in for ``<seg>`` and are
+trained by the shared text cross-entropy. The hierarchical mask loss adds: soft codes
+``softmax(soft_temperature * logits restricted to the codes)`` at the K positions that predict them, decoded
+by the frozen tokenizer decoder (differentiable w.r.t. the LM logits) and compared with the target
+(BCE + ``dice_weight`` Dice); plus ``num_prefixes`` prefix lengths ``k`` per mask, drawn with
+``p(k) ~ 1 / (k + prefix_offset)``, decoded from the first ``k`` codes only and compared with a Gaussian-blurred
+target (blur shrinking as ``k`` grows). Every sampled prefix contributes (their mean); the reference code
+kept only the last one.
+
+Inference: once the model emits ``<mt_start>``, :meth:`HiMTokHead.constrain` restricts the next K steps to the
+code tokens and then forces ``<mt_end>``; outside a span, code tokens and ``<mt_end>`` are forbidden. Every
+constrained step records its code distribution in ``session.state``; :meth:`HiMTokHead.decode` decodes those
+soft codes (``keep_tokens=k`` from the call's options: the first k only, a coarser mask). Span steps do not
+count toward ``max_new_tokens`` (:meth:`HiMTokHead.in_mask_span`), so a mask is never cut short.
+
+Mask tokenizer location: a checkpoint keeps it in ``<checkpoint>/mask_tokenizer/``; a preset names it in
+``head.tokenizer`` (a relative path resolves against the CURRENT directory, like any command-line path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from mmseg.modeling.heads.base import MaskHead, MaskPrediction, register_head
+from mmseg.modeling.losses import bce_loss, dice_loss, downsample_targets, gaussian_blur
+from mmseg.modeling.mask_tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
+from mmseg.modeling.mask_tokenizer import MaskTokenizer, MaskTokenizerConfig
+
+if TYPE_CHECKING:
+    from mmseg.generation import DecodeSession
+
+MT_START = "<mt_start>"
+MT_END = "<mt_end>"
+TOKENIZER_DIR = "mask_tokenizer"  # the mask tokenizer's folder inside a checkpoint
+STATE_KEY = "himtok"  # this head's entry in DecodeSession.state
+TRAIN_COMMAND = "mmseg train-tokenizer --data DATA_ROOT --out {folder}"
+_CODE_TOKEN = re.compile(r"^<mt_(\d+)>$")
+
+
+@dataclass(frozen=True)
+class HiMTokConfig:
+    """Options of the ``himtok`` head.
+
+    ``codebook_size``, ``num_tokens`` and ``code_dim`` may stay None in a preset: they are read from the mask
+    tokenizer and written into a saved checkpoint's config, so a checkpoint whose tokenizer was swapped for an
+    incompatible one fails to load with a clear message.
+    """
+
+    tokenizer: str | None = None  # mask tokenizer folder; relative paths resolve against the current directory
+    codebook_size: int | None = None
+    num_tokens: int | None = None
+    code_dim: int | None = None
+    mask_loss_weight: float = 1.0
+    dice_weight: float = 0.25
+    soft_temperature: float = 2.0  # soft codes = softmax(soft_temperature * code logits), as HiMTok
+    num_prefixes: int = 2  # prefix lengths k < K sampled per mask for the hierarchical loss
+    prefix_weight: float = 1.0  # weight of the mean prefix term relative to the full-mask term
+    prefix_offset: float = 9.0  # p(k) ~ 1 / (k + prefix_offset): short prefixes drawn more often
+    prefix_blur: float = 0.08  # target blur sigma at k = 1, as a fraction of the tokenizer's mask side
+
+
+def code_token(index: int, codebook_size: int) -> str:
+    """The vocabulary token of code ``index``: ``<mt_0042>`` (at least four digits)."""
+    return f"<mt_{index:0{max(4, len(str(codebook_size - 1)))}d}>"
+
+
+def mask_token_names(codebook_size: int) -> list[str]:
+    """``<mt_start>``, ``<mt_end>`` and one token per code, in vocabulary order."""
+    return [MT_START, MT_END, *(code_token(i, codebook_size) for i in range(codebook_size))]
+
+
+def preset_tokenizer_folder(config: HiMTokConfig) -> Path:
+    """The mask tokenizer folder a preset names, checked to exist (clear error naming the training command)."""
+    if not config.tokenizer:
+        raise ValueError(
+            'the himtok head needs "tokenizer": the folder of a trained mask tokenizer; train one with '
+            + TRAIN_COMMAND.format(folder="checkpoints/synthref-himtok/mask_tokenizer")
+        )
+    folder = Path(config.tokenizer).expanduser()
+    if not (folder / TOKENIZER_CONFIG_FILE).is_file():
+        where = folder if folder.is_absolute() else f"{folder} (relative to the current directory {Path.cwd()})"
+        raise FileNotFoundError(
+            f"mask tokenizer not found: {where} has no {TOKENIZER_CONFIG_FILE}. Train one with "
+            f"`{TRAIN_COMMAND.format(folder=folder)}` or point the himtok head's \"tokenizer\" at a trained one"
+        )
+    return folder
+
+
+def read_tokenizer_config(folder: Path) -> MaskTokenizerConfig:
+    """The config of the mask tokenizer in ``folder`` (without loading its weights)."""
+    return MaskTokenizerConfig(**json.loads((Path(folder) / TOKENIZER_CONFIG_FILE).read_text()))
+
+
+@register_head
+class HiMTokHead(MaskHead):
+    name = "himtok"
+    config_cls = HiMTokConfig
+
+    def __init__(self, config: HiMTokConfig, hidden_size: int, image_size: int, grid_size: tuple[int, int],
+                 asset_dir: Path | None = None) -> None:
+        super().__init__()
+        self.config = config
+        if asset_dir is not None:
+            folder = Path(asset_dir) / TOKENIZER_DIR
+            if not (folder / TOKENIZER_CONFIG_FILE).is_file():
+                raise FileNotFoundError(f"{asset_dir} is a himtok checkpoint without its mask tokenizer: expected "
+                                        f"{folder}/ (written by save_pretrained)")
+        else:
+            folder = preset_tokenizer_folder(config)
+        declared = (config.codebook_size, config.code_dim, config.num_tokens)
+        expected = None
+        if None not in declared:
+            expected = MaskTokenizerConfig(codebook_size=config.codebook_size, code_dim=config.code_dim,
+                                           num_tokens=config.num_tokens)
+        tokenizer = MaskTokenizer.from_pretrained(folder, expected=expected)
+        found = tokenizer.config
+        for key in ("codebook_size", "num_tokens", "code_dim"):
+            want = getattr(config, key)
+            if want is not None and want != getattr(found, key):
+                raise ValueError(f"mask tokenizer in {folder} has {key}={getattr(found, key)}, but the himtok head's "
+                                 f"config says {want}")
+        # Frozen and kept OUT of the module tree: not in named_parameters (never optimised, never decayed), not
+        # in state_dict (its weights live once, in mask_tokenizer/), not switched to train mode (which would let
+        # the quantizer update its usage statistics). _apply below still moves and casts it with the model.
+        tokenizer.requires_grad_(False).eval()
+        self._frozen = [tokenizer]
+        self.num_tokens = found.num_tokens
+        self.codebook_size = found.codebook_size
+
+    @property
+    def mask_tokenizer(self) -> MaskTokenizer:
+        return self._frozen[0]
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.mask_tokenizer._apply(fn, recurse)
+        return self
+
+    # -- vocabulary -------------------------------------------------------------------------------------
+    @classmethod
+    def special_tokens_for(cls, config: HiMTokConfig) -> list[str]:
+        size = config.codebook_size
+        if size is None:
+            size = read_tokenizer_config(preset_tokenizer_folder(config)).codebook_size
+        return mask_token_names(size)
+
+    def special_tokens(self) -> list[str]:
+        return mask_token_names(self.codebook_size)
+
+    def bind(self, processor: Any, lm: torch.nn.Module) -> None:
+        super().bind(processor, lm)
+        vocab = processor.tokenizer.get_vocab()
+        names = self.special_tokens()
+        present = sum(1 for t in vocab if _CODE_TOKEN.match(t))
+        missing = [t for t in names if t not in vocab]
+        if missing or present != self.codebook_size:
+            raise ValueError(
+                f"the text vocabulary has {present} mask code tokens but the mask tokenizer has {self.codebook_size} "
+                f"codes{f' (missing e.g. {missing[:3]})' if missing else ''}: the model and its mask tokenizer "
+                "were built for different codebooks"
+            )
+        self.mt_start_id, self.mt_end_id = vocab[MT_START], vocab[MT_END]
+        self.mask_point_token_id = self.mt_start_id
+        code_ids = [vocab[t] for t in names[2:]]
+        self._code_of = {token: code for code, token in enumerate(code_ids)}  # vocabulary id -> code index
+        self._code_token_list = code_ids
+        self.register_buffer("code_token_ids", torch.tensor(code_ids, dtype=torch.long), persistent=False)
+
+    def options(self) -> dict[str, Any]:
+        found = self.mask_tokenizer.config
+        config = dataclasses.replace(self.config, codebook_size=found.codebook_size, num_tokens=found.num_tokens,
+                                     code_dim=found.code_dim)
+        return {"name": self.name, **dataclasses.asdict(config)}
+
+    def save_assets(self, folder: Path) -> None:
+        self.mask_tokenizer.save_pretrained(Path(folder) / TOKENIZER_DIR)
+
+    # -- decoding codes into masks ----------------------------------------------------------------------
+    def soft_codes(self, code_logits: torch.Tensor) -> torch.Tensor:
+        """LM logits over the code tokens ``(..., V)`` -> code probabilities ``(..., V)`` (HiMTok's sharpening)."""
+        return torch.softmax(self.config.soft_temperature * code_logits.float(), dim=-1)
+
+    def decode_probs(self, probs: torch.Tensor, keep: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Code probabilities ``(N, n, V)`` -> mask logits ``(N, m, m)`` at the tokenizer's ``mask_size``, using
+        the first ``keep`` positions (an int or ``(N,)``); differentiable w.r.t. ``probs``."""
+        dtype = self.mask_tokenizer.quantizer.codebook.dtype
+        return self.mask_tokenizer.decode_soft(probs.to(dtype), keep=keep).float()
+
+    # -- training ---------------------------------------------------------------------------------------
+    def expand_targets(self, input_ids: list[int], labels: list[int], mask: torch.Tensor | None) -> tuple[list[int], list[int]]:
+        """Each labelled ``<seg>`` -> ``<mt_start>`` + the K codes of ``mask (S, S)`` + ``<mt_end>``, all labelled.
+        An unlabelled ``<seg>`` (an earlier turn in the prompt) stays as it is, as it does at inference."""
+        seg = self.seg_token_id
+        if not any(t == seg and l != -100 for t, l in zip(input_ids, labels)):
+            return input_ids, labels
+        if mask is None:
+            raise ValueError("the answer has <seg> but the sample has no mask to encode")
+        codes = self.mask_tokenizer.encode(mask).tolist()
+        span = [self.mt_start_id, *(self._code_token_list[c] for c in codes), self.mt_end_id]
+        ids_out: list[int] = []
+        labels_out: list[int] = []
+        for token, label in zip(input_ids, labels):
+            if token == seg and label != -100:
+                ids_out += span
+                labels_out += span
+            else:
+                ids_out.append(token)
+                labels_out.append(label)
+        return ids_out, labels_out
+
+    def sample_prefixes(self, n: int) -> torch.Tensor:
+        """``(n, P)`` distinct prefix lengths per mask from ``1..K-1`` with ``p(k) ~ 1 / (k + prefix_offset)``."""
+        k = self.num_tokens
+        p = max(0, min(self.config.num_prefixes, k - 1))
+        if p == 0 or n == 0:
+            return torch.zeros(n, 0, dtype=torch.long)
+        weights = 1.0 / (torch.arange(1, k, dtype=torch.float32) + self.config.prefix_offset)
+        return torch.multinomial(weights.expand(n, -1), p, replacement=False) + 1
+
+    def prefix_sigma(self, k: int) -> float:
+        """Blur (pixels at the tokenizer's mask size) of the target for a ``k``-token prefix: strongest at k=1,
+        none at k=K."""
+        side = self.mask_tokenizer.config.mask_size
+        return self.config.prefix_blur * side * (self.num_tokens - k) / max(1, self.num_tokens - 1)
+
+    def hierarchical_loss(self, probs: torch.Tensor, target: torch.Tensor,
+                          prefixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mask loss of HiMTok, unweighted.
+
+        ``probs (N, K, V)`` soft codes, ``target (N, S, S)`` in [0, 1], ``prefixes (N, P)`` prefix lengths.
+        Returns ``(bce, dice)`` of the full decode and ``prefix_terms (P,)``: column ``j`` is
+        ``BCE + dice_weight * Dice`` of every mask decoded from its ``prefixes[:, j]`` first codes against its
+        blurred target. All decodes share ONE decoder pass.
+        """
+        n, k, _ = probs.shape
+        p = prefixes.shape[1]
+        prefixes = prefixes.to(probs.device)
+        keep = torch.cat([torch.full((n,), k, dtype=torch.long, device=probs.device), prefixes.t().reshape(-1)])
+        logits = self.decode_probs(probs.repeat(p + 1, 1, 1), keep)  # (N * (P + 1), m, m): full, then column j
+        side = logits.shape[-2:]
+        soft_target = downsample_targets(target, side)
+        bce, dice = bce_loss(logits[:n], soft_target), dice_loss(logits[:n], soft_target)
+        terms = []
+        for j in range(p):
+            column = logits[n * (j + 1) : n * (j + 2)]
+            blurred = torch.empty_like(soft_target)
+            for length in prefixes[:, j].unique().tolist():
+                rows = prefixes[:, j] == length
+                blurred[rows] = gaussian_blur(soft_target[rows], self.prefix_sigma(int(length)))
+            terms.append(bce_loss(column, blurred) + self.config.dice_weight * dice_loss(column, blurred))
+        prefix_terms = torch.stack(terms) if terms else logits.new_zeros(0)
+        return bce, dice, prefix_terms
+
+    def loss(self, batch: dict[str, torch.Tensor], text_hidden: torch.Tensor, text_logits: torch.Tensor,
+             extra_hidden: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``text_logits (B, T, V)``: the logits at ``<mt_start>`` and the next K-1 positions predict the K codes."""
+        start = batch["seg_positions"]  # (B,) index of <mt_start>, -1 when the answer has no mask
+        t, k = text_logits.shape[1], self.num_tokens
+        has = start >= 0
+        rows = has.nonzero()[:, 0]
+        if rows.numel():  # only spans the answer trains (labelled), with all K codes inside the sequence
+            fits = start[rows] + k + 1 < t
+            labelled = batch["labels"][rows, (start[rows] + 1).clamp(max=t - 1)] != -100
+            rows = rows[fits & labelled]
+        w = self.config.mask_loss_weight
+        zero = text_logits.sum() * 0.0
+        if rows.numel() == 0:
+            out = {"mask_bce": zero, "mask_dice": zero}
+            if self.config.num_prefixes > 0:
+                out["mask_prefix"] = zero
+            return out
+        positions = start[rows, None] + torch.arange(k, device=start.device)  # logits here predict the K codes
+        code_logits = text_logits[rows[:, None], positions].index_select(-1, self.code_token_ids)  # (N, K, V)
+        probs = self.soft_codes(code_logits)
+        bce, dice, terms = self.hierarchical_loss(probs, batch["mask_targets"][rows], self.sample_prefixes(len(rows)))
+        out = {"mask_bce": w * bce, "mask_dice": w * self.config.dice_weight * dice}
+        if self.config.num_prefixes > 0:
+            out["mask_prefix"] = w * self.config.prefix_weight * (terms.mean() if terms.numel() else zero)
+        return out
+
+    # -- inference --------------------------------------------------------------------------------------
+    def keep_tokens(self, options: dict[str, Any]) -> int:
+        """The validated ``keep_tokens`` option (default: all K)."""
+        k = options.get("keep_tokens")
+        if k is None:
+            return self.num_tokens
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= int(k) <= self.num_tokens:
+            raise ValueError(f"keep_tokens must be a whole number from 1 to {self.num_tokens}, got {k!r}")
+        return int(k)
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - {"keep_tokens"})
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for the himtok head; valid: ['keep_tokens']")
+        self.keep_tokens(options)
+
+    def _open_span(self, tokens: list[int]) -> int | None:
+        """How many codes follow an unclosed ``<mt_start>`` at the end of ``tokens``; None when none is open."""
+        n = 0
+        for token in reversed(tokens):
+            if token == self.mt_start_id:
+                return n
+            if token not in self._code_of:
+                return None
+            n += 1
+        return None
+
+    def in_mask_span(self, session: "DecodeSession") -> torch.Tensor:
+        return torch.tensor([self._open_span(t) is not None for t in session.tokens], dtype=torch.bool,
+                            device=session.device)
+
+    def constrain(self, session: "DecodeSession", logits: torch.Tensor) -> torch.Tensor:
+        """Codes only inside a span (recording their soft distribution), ``<mt_end>`` after K codes, and no code
+        or ``<mt_end>`` outside a span. ``logits (B, V)``."""
+        state = session.state.setdefault(STATE_KEY, {"probs": [[] for _ in range(session.batch_size)]})
+        spans = [self._open_span(t) for t in session.tokens]
+        codes, lowest = self.code_token_ids, torch.finfo(logits.dtype).min
+        out = logits.clone()
+        inside = [r for r, n in enumerate(spans) if n is not None and n < self.num_tokens]
+        closing = [r for r, n in enumerate(spans) if n is not None and n >= self.num_tokens]
+        outside = [r for r, n in enumerate(spans) if n is None]
+        if outside:
+            rows = torch.tensor(outside, device=logits.device)
+            out[rows[:, None], codes] = lowest
+            out[rows, self.mt_end_id] = lowest
+        if closing:
+            rows = torch.tensor(closing, device=logits.device)
+            out[rows] = lowest
+            out[rows, self.mt_end_id] = 0.0
+        if inside:
+            rows = torch.tensor(inside, device=logits.device)
+            code_logits = logits[rows[:, None], codes]  # (n, V)
+            out[rows] = lowest
+            out[rows[:, None], codes] = code_logits
+            probs = self.soft_codes(code_logits)
+            for i, row in enumerate(inside):
+                self._record(state["probs"][row], session.tokens[row], spans[row], probs[i])
+        return out
+
+    def _record(self, row_spans: list[list[torch.Tensor]], tokens: list[int], step: int, probs: torch.Tensor) -> None:
+        """Store ``probs (V,)`` as step ``step`` of the row's latest span (idempotent: a finished row whose
+        constrain is still called overwrites rather than grows)."""
+        index = sum(1 for t in tokens if t == self.mt_start_id) - 1
+        while len(row_spans) <= index:
+            row_spans.append([])
+        span = row_spans[index]
+        if len(span) == step:
+            span.append(probs)
+        elif len(span) > step:
+            span[step] = probs
+
+    def _spans(self, tokens: list[int]) -> list[list[int]]:
+        """Code indices of each ``<mt_start>`` span in ``tokens`` (a span ends at ``<mt_end>`` or a non-code)."""
+        spans: list[list[int]] = []
+        inside = False
+        for token in tokens:
+            if token == self.mt_start_id:
+                spans.append([])
+                inside = True
+            elif inside and token in self._code_of:
+                spans[-1].append(self._code_of[token])
+            else:
+                inside = False
+        return spans
+
+    def decode(self, session: "DecodeSession") -> list[list[MaskPrediction]]:
+        """Soft-decode every span (its recorded distributions; one-hot of the emitted codes for any step not
+        recorded) from its first ``keep_tokens`` codes, all spans of a length in one decoder pass."""
+        keep = self.keep_tokens(session.options)
+        recorded = session.state.get(STATE_KEY, {}).get("probs")
+        jobs: dict[int, list[tuple[int, int, torch.Tensor, list[int]]]] = {}  # span length -> (row, slot, probs, codes)
+        results: list[list[MaskPrediction | None]] = [[] for _ in range(session.batch_size)]
+        side = self.mask_tokenizer.config.mask_size
+        for row, tokens in enumerate(session.tokens):
+            for j, codes in enumerate(self._spans(tokens)):
+                results[row].append(None)
+                if not codes:  # the text budget ended right at <mt_start>: nothing to decode
+                    results[row][j] = MaskPrediction(torch.full((side, side), -1e4, device=session.device),
+                                                     {"keep_tokens": 0, "mask_tokens": [], "truncated": True})
+                    continue
+                steps = recorded[row][j][: len(codes)] if recorded is not None and j < len(recorded[row]) else []
+                if len(steps) < len(codes):  # steps fed without constrain (e.g. teacher-forced): their hard codes
+                    hard = F.one_hot(torch.tensor(codes[len(steps):], device=session.device), self.codebook_size)
+                    steps = [*steps, *hard.float()]
+                probs = torch.stack([step.float() for step in steps])  # (n, V)
+                jobs.setdefault(len(codes), []).append((row, j, probs, codes))
+        for length, items in jobs.items():
+            used = min(keep, length)
+            logits = self.decode_probs(torch.stack([item[2] for item in items]), used)
+            for (row, j, _, codes), mask in zip(items, logits):
+                info: dict[str, Any] = {"keep_tokens": used, "mask_tokens": codes}
+                if length < self.num_tokens:
+                    info["truncated"] = True
+                results[row][j] = MaskPrediction(mask, info)
+        return results  # type: ignore[return-value]
+
+    def answer_tokens(self, ids: list[int]) -> list[int]:
+        """Each ``<mt_start> codes <mt_end>`` span -> one ``<seg>``; stray markers are dropped."""
+        out: list[int] = []
+        inside = False
+        for token in ids:
+            if token == self.mt_start_id:
+                out.append(self.seg_token_id)
+                inside = True
+            elif token == self.mt_end_id:
+                inside = False
+            elif not (inside and token in self._code_of):
+                inside = False
+                out.append(token)
+        return out

@@ -1,0 +1,472 @@
+"""The HiMTok head: vocabulary, targets, hierarchical loss, constrained decoding, keep_tokens, persistence."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmseg.generation import generate
+from mmseg.modeling.builder import build_model, build_tokenizer, load_pretrained
+from mmseg.modeling.heads.himtok import MT_END, MT_START, TOKENIZER_DIR, HiMTokHead, code_token
+from mmseg.modeling.mask_tokenizer import MaskTokenizer, MaskTokenizerConfig
+from mmseg.predictor import Segmenter
+from tiny import CORPUS, tiny_config
+
+K, CODES = 32, 64
+TINY_TOKENIZER = MaskTokenizerConfig(mask_size=32, patch_size=8, width=32, encoder_layers=1, decoder_layers=1,
+                                     heads=2, num_tokens=K, codebook_size=CODES, code_dim=8)
+
+
+def _write_tokenizer(folder: Path, seed: int = 0, **changes) -> Path:
+    torch.manual_seed(seed)
+    config = MaskTokenizerConfig(**{**TINY_TOKENIZER.__dict__, **changes})
+    MaskTokenizer(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return _write_tokenizer(tmp_path_factory.mktemp("himt") / "mask_tokenizer")
+
+
+def _model(tokenizer_dir: Path, seed: int = 0, **options):
+    torch.manual_seed(seed)
+    config = tiny_config("himtok", tokenizer=str(tokenizer_dir), **options)
+    model, proc = build_model(config, build_tokenizer(config, CORPUS, vocab_size=300))
+    return model.eval(), proc
+
+
+@pytest.fixture(scope="module")
+def himtok(tokenizer_dir):
+    return _model(tokenizer_dir)
+
+
+def _opening_constrain(head: HiMTokHead, eos_token_id: int):
+    """Like tests/tiny.py ``force_answer``, but only forces ``<mt_start>`` first and ``eos`` after ``<mt_end>``:
+    everything in between is left to the head's own constrain (so an untrained model emits a mask)."""
+    original = head.constrain
+
+    def constrain(session, logits):
+        for row, tokens in enumerate(session.tokens):
+            forced = head.mt_start_id if not tokens else eos_token_id if tokens[-1] == head.mt_end_id else None
+            if forced is not None:
+                logits = logits.clone()
+                logits[row] = -1e9
+                logits[row, forced] = 0.0
+        return original(session, logits)
+
+    return constrain
+
+
+@pytest.fixture()
+def forced(himtok, monkeypatch):
+    model, proc = himtok
+    monkeypatch.setattr(model.head, "constrain", _opening_constrain(model.head, proc.eos_token_id))
+    return model, proc
+
+
+def _batch(proc, head, mask: torch.Tensor):
+    rows = []
+    for query, answer, m in (("the red circle", "Sure, <seg>.", mask), ("how many circles?", "2", None),
+                             ("the blue square", "Sure, <seg>.", mask.flip(-1))):
+        ids, labels = proc.encode_chat([{"role": "user", "content": query}], answer)
+        rows.append((*head.expand_targets(ids, labels, m), m))
+    width = max(len(r[0]) for r in rows)
+    batch = {"input_ids": torch.full((3, width), proc.pad_token_id), "attention_mask": torch.zeros(3, width, dtype=torch.long),
+             "labels": torch.full((3, width), -100), "pixel_values": torch.randn(3, 3, 64, 64),
+             "mask_targets": torch.zeros(3, 64, 64), "seg_positions": torch.full((3,), -1)}
+    for i, (ids, labels, m) in enumerate(rows):
+        batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
+        batch["labels"][i, : len(ids)] = torch.tensor(labels)
+        batch["attention_mask"][i, : len(ids)] = 1
+        if m is not None:
+            batch["mask_targets"][i] = m
+            batch["seg_positions"][i] = ids.index(head.mask_point_token_id)
+    return batch
+
+
+def _square_mask() -> torch.Tensor:
+    mask = torch.zeros(64, 64)
+    mask[12:40, 8:30] = 1
+    return mask
+
+
+# -- vocabulary and targets --------------------------------------------------------------------------------
+def test_vocabulary_has_the_markers_and_one_token_per_code(himtok):
+    model, proc = himtok
+    vocab = proc.tokenizer.get_vocab()
+    head = model.head
+    assert MT_START in vocab and MT_END in vocab and code_token(0, CODES) == "<mt_0000>"
+    assert [vocab[code_token(i, CODES)] for i in range(CODES)] == head.code_token_ids.tolist()
+    assert head.mask_point_token_id == vocab[MT_START] != proc.seg_token_id
+    assert model.lm.get_output_embeddings().weight.shape[0] >= len(proc.tokenizer)
+    # the head tokens are appended after BPE training: they do not eat the text vocabulary
+    assert len(proc.tokenizer) == 300 + CODES + 2
+
+
+def test_expand_targets_puts_the_tokenizers_codes_between_the_markers(himtok):
+    model, proc = himtok
+    head = model.head
+    mask = _square_mask()
+    ids, labels = proc.encode_chat([{"role": "user", "content": "the red circle"}], "Sure, <seg>.")
+    new_ids, new_labels = head.expand_targets(ids, labels, mask)
+    start = new_ids.index(head.mt_start_id)
+    span = new_ids[start + 1 : start + 1 + K]
+    assert new_ids[start + 1 + K] == head.mt_end_id and proc.seg_token_id not in new_ids
+    expected = head.mask_tokenizer.encode(mask).tolist()
+    assert [head._code_of[t] for t in span] == expected and len(span) == K
+    assert new_labels[start : start + K + 2] == new_ids[start : start + K + 2]  # the whole span is trained
+    assert len(new_ids) == len(ids) + K + 1
+    assert head.expand_targets(ids[:-3], [-100] * (len(ids) - 3), None) == (ids[:-3], [-100] * (len(ids) - 3))
+    with pytest.raises(ValueError, match="no mask"):
+        head.expand_targets(ids, labels, None)
+
+
+def test_the_collator_marks_mt_start_as_the_mask_point(himtok):
+    from mmseg.data.collate import Collator, Example
+
+    model, proc = himtok
+    image = Path(__file__).resolve().parents[1] / "examples" / "synthref_0.png"
+    mask = np.zeros((128, 128), bool)
+    mask[20:60, 30:90] = True
+    batch = Collator(proc, model.head)([Example(image, "the cross", "Sure, <seg>.", mask),
+                                         Example(image, "how many?", "2", None)])
+    start = int(batch["seg_positions"][0])
+    assert batch["input_ids"][0, start] == model.head.mt_start_id and int(batch["seg_positions"][1]) == -1
+    assert batch["input_ids"][0, start + K + 1] == model.head.mt_end_id
+
+
+# -- training ----------------------------------------------------------------------------------------------
+def test_every_sampled_prefix_contributes_to_the_mask_loss(himtok):
+    model, _ = himtok
+    head = model.head
+    target = _square_mask()[None].repeat(2, 1, 1)
+    probs = torch.softmax(torch.randn(2, K, CODES) * 3, -1).requires_grad_(True)
+    prefixes = torch.tensor([[5, 2], [5, 2]])
+    _, _, terms = head.hierarchical_loss(probs, target, prefixes)
+    assert terms.shape == (2,)
+    _, _, only5 = head.hierarchical_loss(probs, target, prefixes[:, :1])
+    _, _, only2 = head.hierarchical_loss(probs, target, prefixes[:, 1:])
+    torch.testing.assert_close(terms, torch.cat([only5, only2]))
+    grad_both, = torch.autograd.grad(terms.mean(), probs)
+    grad5, = torch.autograd.grad(only5.sum(), probs)
+    grad2, = torch.autograd.grad(only2.sum(), probs)
+    torch.testing.assert_close(grad_both, 0.5 * (grad5 + grad2))  # the mean of BOTH terms, not only the last one
+    assert grad2[:, :2].abs().sum() > 0 and grad2[:, 2:].abs().sum() == 0  # a prefix sees its own codes only
+    assert grad_both[:, :5].abs().sum() > 0 and grad_both[:, 5:].abs().sum() == 0
+    assert head.prefix_sigma(1) > head.prefix_sigma(16) > head.prefix_sigma(K - 1) > head.prefix_sigma(K) == 0
+
+
+def test_the_model_loss_averages_all_sampled_prefixes(himtok, monkeypatch):
+    model, proc = himtok
+    head = model.head
+    fixed = torch.tensor([[3, 7, 1], [3, 7, 1]])
+    monkeypatch.setattr(head, "sample_prefixes", lambda n: fixed[:n])
+    captured = {}
+    original = head.hierarchical_loss
+
+    def spy(probs, target, prefixes):
+        out = original(probs, target, prefixes)
+        captured.update(rows=probs.shape[0], prefixes=prefixes, terms=out[2])
+        return out
+
+    monkeypatch.setattr(head, "hierarchical_loss", spy)
+    with torch.no_grad():
+        losses = model(_batch(proc, head, _square_mask()))
+    assert set(losses) == {"text_ce", "mask_bce", "mask_dice", "mask_prefix", "loss"}
+    assert captured["rows"] == 2 and captured["terms"].shape == (3,)  # two masks (the QA row has none), 3 prefixes
+    torch.testing.assert_close(losses["mask_prefix"], head.config.prefix_weight * captured["terms"].mean())
+
+
+def test_frozen_tokenizer_gets_no_gradient_and_stays_out_of_the_optimizer(himtok):
+    model, proc = himtok
+    head = model.head
+    batch = _batch(proc, head, _square_mask())
+    model.train()
+    try:
+        assert not head.mask_tokenizer.training  # model.train() leaves the frozen tokenizer in eval mode
+        losses = model(batch)
+        model.zero_grad()
+        (losses["mask_bce"] + losses["mask_dice"] + losses["mask_prefix"]).backward()
+    finally:
+        model.eval()
+    assert all(p.grad is None and not p.requires_grad for p in head.mask_tokenizer.parameters())
+    names = {n for n, _ in model.named_parameters()}
+    assert not any("mask_tokenizer" in n for n in names) and not any("mask_tokenizer" in k for k in model.state_dict())
+    # the mask loss reaches the LM through the code logits (soft decode is differentiable)
+    grad = model.lm.get_output_embeddings().weight.grad
+    assert grad is not None and grad[head.code_token_ids].abs().sum() > 0
+    model.zero_grad()
+
+
+def test_loss_decreases_on_a_tiny_run(tokenizer_dir):
+    model, proc = _model(tokenizer_dir, seed=1)
+    batch = _batch(proc, model.head, _square_mask())
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    torch.manual_seed(0)
+    history = []
+    for _ in range(30):
+        losses = model(batch)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    # The mask terms are not asserted to fall: this tokenizer is random, so no code sequence decodes to the
+    # target; what must hold is that the joint objective trains and every term stays finite.
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    assert history[-1]["text_ce"] < history[0]["text_ce"]
+    assert all(np.isfinite(v) for h in history for v in h.values())
+
+
+# -- inference ---------------------------------------------------------------------------------------------
+def _generate(model, proc, queries, max_new_tokens=12, **options):
+    prompts = [proc.encode_chat([{"role": "user", "content": q}])[0] for q in queries]
+    return generate(model, prompts, torch.randn(len(queries), 3, 64, 64), eos_token_id=proc.eos_token_id,
+                    pad_token_id=proc.pad_token_id, max_new_tokens=max_new_tokens, options=options)
+
+
+def test_exactly_k_mask_tokens_at_inference_even_untrained(forced):
+    model, proc = forced
+    head = model.head
+    gen = _generate(model, proc, ["the red circle", "a much longer query about the blue star"], max_new_tokens=3)
+    for row in range(2):
+        tokens = gen.tokens[row]
+        assert tokens[0] == head.mt_start_id and tokens[K + 1] == head.mt_end_id
+        assert all(t in head._code_of for t in tokens[1 : K + 1])  # in-vocabulary mask tokens, K of them
+        assert len(gen.masks[row]) == 1 and gen.masks[row][0].info["keep_tokens"] == K
+        assert gen.masks[row][0].info["mask_tokens"] == [head._code_of[t] for t in tokens[1 : K + 1]]
+        assert gen.text_tokens[row][0] == proc.seg_token_id and head.mt_start_id not in gen.text_tokens[row]
+    # the span did not count toward max_new_tokens=3: the mask is complete
+
+
+def test_constrain_allows_codes_only_inside_a_span(himtok):
+    model, _ = himtok
+    head = model.head
+    codes = head.code_token_ids.tolist()
+    session = SimpleNamespace(tokens=[[5], [head.mt_start_id], [head.mt_start_id, *codes[:K]]],
+                              batch_size=3, device=torch.device("cpu"), state={})
+    logits = torch.randn(3, head.code_token_ids.max().item() + 1)
+    allowed = head.constrain(session, logits) > torch.finfo(logits.dtype).min
+    code_set = set(codes)
+    assert not any(allowed[0, c] for c in code_set) and not allowed[0, head.mt_end_id] and allowed[0, 5]
+    assert set(allowed[1].nonzero()[:, 0].tolist()) == code_set
+    assert allowed[2].nonzero()[:, 0].tolist() == [head.mt_end_id]
+    assert head.in_mask_span(session).tolist() == [False, True, True]
+    # each constrained step records the soft code distribution: softmax(2 * logits over the codes)
+    recorded = session.state["himtok"]["probs"][1][0]
+    assert len(recorded) == 1
+    torch.testing.assert_close(recorded[0], torch.softmax(2.0 * logits[1, head.code_token_ids], -1))
+    session.tokens[1].append(codes[7])
+    head.constrain(session, logits)
+    head.constrain(session, logits)  # a repeated call at the same step overwrites, never grows
+    assert len(session.state["himtok"]["probs"][1][0]) == 2 and session.state["himtok"]["probs"][2] == []
+
+
+def test_keep_tokens_reaches_the_decoder_and_bad_values_are_clear_errors(forced, monkeypatch):
+    model, proc = forced
+    tokenizer = model.head.mask_tokenizer
+    seen = []
+    original = tokenizer.decode_soft
+
+    def spy(probs, keep=None, size=None):
+        seen.append(keep)
+        return original(probs, keep=keep, size=size)
+
+    monkeypatch.setattr(tokenizer, "decode_soft", spy)
+    seg = Segmenter(model, proc)
+    image = Image.new("RGB", (50, 30), (200, 20, 20))
+    masks = {}
+    for k in (1, 4, 16, None):
+        answer = seg(image, "the red one", **({} if k is None else {"keep_tokens": k}))
+        assert seen[-1] == (K if k is None else k) and answer.info[0]["keep_tokens"] == (K if k is None else k)
+        masks[k] = answer.logits[0]
+    assert not np.allclose(masks[1], masks[None])  # fewer tokens decode to a different (coarser) mask
+    for bad in (0, K + 1, 2.5, "8", True, -3):
+        with pytest.raises(ValueError, match="keep_tokens must be a whole number from 1 to 32"):
+            seg(image, "the red one", keep_tokens=bad)
+    with pytest.raises(ValueError, match="unknown option"):
+        seg(image, "the red one", keep_token=8)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (90, 40), (33, 120)])
+def test_segmenter_returns_a_bool_mask_at_the_original_size(forced, size):
+    model, proc = forced
+    answer = Segmenter(model, proc)(Image.new("RGB", size, (10, 200, 30)), "the green square", keep_tokens=8)
+    assert answer.text == "<seg>"
+    assert len(answer.masks) == 1 and answer.masks[0].shape == (size[1], size[0]) and answer.masks[0].dtype == bool
+    assert len(answer.info[0]["mask_tokens"]) == K
+
+
+def test_batched_decoding_equals_one_at_a_time(forced):
+    model, proc = forced
+    seg = Segmenter(model, proc)
+    images = [Image.new("RGB", (40, 40), (200, 0, 0)), Image.new("RGB", (60, 30), (0, 0, 200))]
+    convs = [[{"role": "user", "content": "the red one"}], [{"role": "user", "content": "the blue thing on the left"}]]
+    both = seg.batch(convs, images, keep_tokens=12)
+    for i in range(2):
+        one = seg.chat(convs[i], images[i], keep_tokens=12)
+        assert one.info == both[i].info
+        np.testing.assert_allclose(one.logits[0], both[i].logits[0], atol=1e-4, rtol=1e-4)
+
+
+# -- persistence -------------------------------------------------------------------------------------------
+def test_save_and_from_pretrained_give_identical_answers(forced, tmp_path, monkeypatch):
+    model, proc = forced
+    seg = Segmenter(model, proc)
+    seg.save_pretrained(tmp_path)
+    assert (tmp_path / TOKENIZER_DIR / "mask_tokenizer_config.json").is_file()
+    head_config = json.loads((tmp_path / "config.json").read_text())["model"]["head"]
+    assert head_config["name"] == "himtok" and head_config["codebook_size"] == CODES and head_config["num_tokens"] == K
+    loaded = Segmenter.from_pretrained(tmp_path, device="cpu")
+    monkeypatch.setattr(loaded.model.head, "constrain", _opening_constrain(loaded.model.head, proc.eos_token_id))
+    for name, p in model.head.mask_tokenizer.state_dict().items():
+        torch.testing.assert_close(loaded.model.head.mask_tokenizer.state_dict()[name], p)
+    image = Image.new("RGB", (48, 40), (0, 0, 255))
+    for k in (5, None):
+        options = {} if k is None else {"keep_tokens": k}
+        a, b = seg(image, "the blue one", **options), loaded(image, "the blue one", **options)
+        assert a.text == b.text and a.info == b.info and np.array_equal(a.masks[0], b.masks[0])
+
+
+def test_a_mismatched_tokenizer_fails_with_a_clear_message(himtok, tokenizer_dir, tmp_path):
+    model, proc = himtok
+    model.save_pretrained(tmp_path / "ckpt")
+    proc.save_pretrained(tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt" / TOKENIZER_DIR)
+    _write_tokenizer(tmp_path / "ckpt" / TOKENIZER_DIR, codebook_size=2 * CODES)
+    with pytest.raises(ValueError, match=f"expects {K} tokens over {CODES}x8"):
+        load_pretrained(tmp_path / "ckpt")
+    # a preset whose text vocabulary was built for another codebook
+    other = _write_tokenizer(tmp_path / "other", codebook_size=2 * CODES)
+    config = tiny_config("himtok", tokenizer=str(other))
+    with pytest.raises(ValueError, match=f"vocabulary has {CODES} mask code tokens but the mask tokenizer has {2 * CODES}"):
+        build_model(config, proc.tokenizer)
+    with pytest.raises(ValueError, match="codebook_size=128, but the himtok head's config says 64"):
+        build_model(tiny_config("himtok", tokenizer=str(other), codebook_size=CODES), proc.tokenizer)
+
+
+def test_missing_tokenizer_names_the_training_command(himtok, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config("himtok", tokenizer="checkpoints/nowhere/mask_tokenizer")
+    with pytest.raises(FileNotFoundError, match="mmseg train-tokenizer .*--out checkpoints/nowhere/mask_tokenizer"):
+        build_tokenizer(config, CORPUS, vocab_size=300)
+    with pytest.raises(ValueError, match="mmseg train-tokenizer"):
+        build_tokenizer(tiny_config("himtok"), CORPUS, vocab_size=300)
+    model, proc = himtok
+    model.save_pretrained(tmp_path / "ckpt")
+    proc.save_pretrained(tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt" / TOKENIZER_DIR)
+    with pytest.raises(FileNotFoundError, match="without its mask tokenizer"):
+        load_pretrained(tmp_path / "ckpt")
+
+
+def test_preset_paths_resolve_against_the_current_directory(tokenizer_dir, tmp_path, monkeypatch):
+    from mmseg.config import load_preset
+
+    preset = load_preset("tiny-himtok")
+    assert preset.model.head == {"name": "himtok", "tokenizer": "checkpoints/synthref-himtok/mask_tokenizer"}
+    assert preset.model.vision == load_preset("tiny-stamp").model.vision and preset.model.lm == load_preset("tiny-stamp").model.lm
+    shutil.copytree(tokenizer_dir, tmp_path / "checkpoints" / "synthref-himtok" / "mask_tokenizer")
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config("himtok", tokenizer="checkpoints/synthref-himtok/mask_tokenizer")
+    model, _ = build_model(config, build_tokenizer(config, CORPUS, vocab_size=300))
+    assert model.head.codebook_size == CODES
+
+
+def test_new_rows_of_a_pretrained_lm_start_at_the_mean(tokenizer_dir, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mmseg.config import LMConfig, ModelConfig, VisionConfig
+    from mmseg.processing import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(CORPUS, 280)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=64, tie_word_embeddings=False))
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    old_in, old_out = lm.get_input_embeddings().weight.detach(), lm.get_output_embeddings().weight.detach()
+    config = ModelConfig(vision=VisionConfig(image_size=32, patch_size=16, width=16, layers=1, heads=2),
+                         lm=LMConfig(name=str(tmp_path / "lm")), head={"name": "himtok", "tokenizer": str(tokenizer_dir)})
+    model, _ = build_model(config, build_tokenizer(config))
+    rows = model.head.code_token_ids
+    for new, old in ((model.lm.get_input_embeddings().weight, old_in), (model.lm.get_output_embeddings().weight, old_out)):
+        torch.testing.assert_close(new[rows], old.mean(0).expand(len(rows), -1), atol=1e-3, rtol=0)
+        torch.testing.assert_close(new[: len(old)], old)
+
+
+def test_predict_cli_with_keep_tokens(himtok, tmp_path, monkeypatch):
+    from mmseg.cli import main
+
+    model, proc = himtok
+    model.save_pretrained(tmp_path / "ckpt")
+    proc.save_pretrained(tmp_path / "ckpt")
+    original = HiMTokHead.constrain
+
+    def constrain(self, session, logits):  # the reloaded, untrained model still opens one mask
+        return _opening_constrain(SimpleNamespace(constrain=lambda s, l: original(self, s, l), mt_start_id=self.mt_start_id,
+                                                  mt_end_id=self.mt_end_id), proc.eos_token_id)(session, logits)
+
+    monkeypatch.setattr(HiMTokHead, "constrain", constrain)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (70, 50), (0, 200, 0)).save(image)
+    prefix = tmp_path / "out" / "p"
+    assert main(["predict", "--model", str(tmp_path / "ckpt"), "--image", str(image), "--query", "the green one",
+                 "--out", str(prefix), "--keep-tokens", "4"]) == 0
+    record = json.loads(Path(f"{prefix}_masks.json").read_text())
+    assert record["text"] == "<seg>" and record["info"][0]["keep_tokens"] == 4 and len(record["info"][0]["mask_tokens"]) == K
+    assert Image.open(f"{prefix}_mask.png").size == (70, 50)
+    assert main(["predict", "--model", str(tmp_path / "ckpt"), "--image", str(image), "--query", "the green one",
+                 "--out", str(prefix), "--keep-tokens", "40"]) == 2
+
+
+@pytest.mark.slow
+def test_the_shared_training_loop_trains_and_saves_a_himtok_model(synthref_root, tokenizer_dir, tmp_path):
+    from mmseg.config import load_preset
+    from mmseg.train import train
+
+    config = tiny_config("himtok", tokenizer=str(tokenizer_dir)).to_dict()
+    config["lm"].pop("hf_config"), config["vision"].pop("hf_config")
+    train_options = {"batch_size": 4, "lr": 2e-3, "warmup_steps": 1, "max_steps": 3, "eval_every": 1000, "eval_samples": 4,
+                     "save_every": 1000, "log_every": 1, "mixed_precision": "no", "vocab_size": 400, "qa_fraction": 0.0}
+    path = tmp_path / "tiny-himtok.json"
+    path.write_text(json.dumps({"model": config, "train": train_options}))
+    out = tmp_path / "ckpt"
+    summary = train(load_preset(path), synthref_root, out, progress=False)
+    assert summary["step"] == 3 and "val_ciou" in summary
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert all("mask_prefix" in h and np.isfinite(h["mask_prefix"]) for h in history if "loss" in h)
+    assert (out / TOKENIZER_DIR / "mask_tokenizer.safetensors").is_file()
+    seg = Segmenter.from_pretrained(out, device="cpu")
+    answer = seg(synthref_root / "images" / "synthref_val_000000.png", "Please segment the red circle.", keep_tokens=8)
+    assert "<mt_" not in answer.text and all(m.shape == (128, 128) for m in answer.masks)
+
+
+@pytest.mark.slow
+def test_latency_benchmark_puts_himtok_beside_stamp(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+
+    from tiny import tiny_model
+
+    model, proc = tiny_model(seed=3)
+    Segmenter(model, proc).save_pretrained(tmp_path / "stamp")
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("latency_benchmark", root / "benchmarks" / "latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "latency.json"
+    monkeypatch.setattr(sys, "argv", ["latency.py", "--model", str(tmp_path / "stamp"), "--himtok-model", str(tmp_path / "none"),
+                                      "--tokenizer", str(tmp_path / "none"), "--image", str(root / "examples" / "synthref_0.png"),
+                                      "--repeats", "1", "--json", str(out)])
+    bench.main()
+    result = json.loads(out.read_text())["himtok"]
+    assert "RANDOMLY INITIALISED" in result["source"] and "RANDOMLY INITIALISED" in capsys.readouterr().out
+    assert result["mask_tokens"] == 32 and result["codes_match"] and result["mask_ms_kv_cache"] > 0
