@@ -48,6 +48,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         raise ValueError("the query is empty: pass --query 'the red circle' or a question")
     segmenter = Segmenter.from_pretrained(args.model, device=args.device)
     options = {"keep_tokens": args.keep_tokens} if args.keep_tokens else {}
+    if args.invoke:
+        options["invoke"] = args.invoke
     answer = segmenter(args.image, args.query, **options)
     prefix = Path(args.out)
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output prefix: PREFIX_mask.png and PREFIX_masks.json")
     p.add_argument("--device", default=None)
     p.add_argument("--keep-tokens", type=int, default=None, help="HiMTok: decode from the first k mask tokens")
+    p.add_argument("--invoke", default=None, help="shaper: never, always, entropy or learned (default: its config)")
     p.set_defaults(func=_cmd_predict)
     return parser
 

@@ -29,7 +29,10 @@ class DecodeSession:
     rows that had already finished). ``cache_positions (B, L)``: the position id of each slot.
     ``mask_points[b]``: cache indices of the tokens that opened a mask point in row ``b`` (the head's
     ``mask_point_token_id``, ``<seg>`` by default). ``state``: scratch space a head keeps between its calls
-    (e.g. HiMTok's per-step code probabilities), keyed by the head.
+    (e.g. HiMTok's per-step code probabilities), keyed by the head. ``prompt_ids (B, T)`` and
+    ``prompt_hidden (B, T, D)``: the left-padded prompts and their last-layer hidden states from the prefill (the
+    first ``T`` cache slots; ``cache_valid[:, :T]`` marks the real ones), for heads that read the query's context
+    (e.g. the shaper pools the prompt and reads the image positions).
     """
 
     model: MMSegModel
@@ -43,6 +46,8 @@ class DecodeSession:
     point_hidden: list[list[torch.Tensor]] = field(default_factory=list)  # last hidden state at each mask point
     options: dict = field(default_factory=dict)  # per-call head options, e.g. keep_tokens
     state: dict = field(default_factory=dict)  # per-head generation state
+    prompt_ids: torch.Tensor | None = None  # (B, T) left-padded prompt ids
+    prompt_hidden: torch.Tensor | None = None  # (B, T, D) their last-layer hidden states
 
     @property
     def batch_size(self) -> int:
@@ -139,25 +144,32 @@ def start_session(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_val
         cache_valid=torch.zeros(b, 0, dtype=torch.bool, device=device),
         cache_positions=torch.zeros(b, 0, dtype=torch.long, device=device),
         tokens=[[] for _ in range(b)], mask_points=[[] for _ in range(b)], point_hidden=[[] for _ in range(b)],
-        options=dict(options or {}),
+        options=dict(options or {}), prompt_ids=input_ids,
     )
-    return session, session.feed(embeds, positions, valid)
+    session.prompt_hidden = session.feed(embeds, positions, valid)
+    return session, session.prompt_hidden
 
 
 @torch.inference_mode()
 def generate(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor, *, eos_token_id: int,
              pad_token_id: int, mask_token_id: int | None = None, max_new_tokens: int = 48,
-             options: dict | None = None) -> Generation:
+             options: dict | None = None, answer_prefix: Sequence[Sequence[int]] | None = None) -> Generation:
     """Greedy decoding of a batch of prompts (token ids with ``<image>`` already expanded).
 
     A mask point opens where a row emits the head's ``mask_point_token_id`` (``mask_token_id`` overrides it;
     leave it None so that nothing outside the head needs to know which head runs). Each row generates up to
     ``max_new_tokens`` text tokens (steps the head dictates inside a mask span do not count) or to ``eos``;
     then the head decodes every mask point. ``options`` go to the head (e.g. ``keep_tokens``).
+
+    ``answer_prefix`` (one id list per row, optional) forces the first tokens of each answer, e.g. a target answer
+    up to its mask point, so that a head's mask decoding can be studied or trained given the text (the shaper's
+    policy training does). Forced steps are otherwise ordinary: the head's ``constrain`` and ``after_step`` see them.
     """
     head = model.head
     options = dict(options or {})
     head.check_options(options)
+    if answer_prefix is not None and len(answer_prefix) != len(prompts):
+        raise ValueError(f"{len(answer_prefix)} answer prefixes for {len(prompts)} prompts")
     if mask_token_id is None:
         mask_token_id = head.mask_point_token_id
     timings: dict[str, float] = {}
@@ -182,6 +194,10 @@ def generate(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_values: 
         dictated = head.in_mask_span(session)
         logits = head.constrain(session, logits)
         chosen = logits.argmax(-1)
+        if answer_prefix is not None:
+            for row, prefix in enumerate(answer_prefix):
+                if len(session.tokens[row]) < len(prefix):
+                    chosen[row] = prefix[len(session.tokens[row])]
         chosen = torch.where(finished, torch.full_like(chosen, pad_token_id), chosen)
         alive = ~finished
         opened: list[int] = []

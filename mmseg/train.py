@@ -88,7 +88,16 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     """Train ``preset`` on the SynthRef (or REFER-layout) data in ``data_dir``; checkpoints go to ``out_dir``.
 
     Re-running with the same ``out_dir`` resumes from the last saved state. Returns the last validation metrics.
+    A head with its own training (:meth:`~mmseg.modeling.heads.base.MaskHead.trainer`, e.g. the shaper) runs that
+    instead, with the same arguments.
     """
+    from mmseg.modeling.heads import head_config
+
+    head_cls, _ = head_config(preset.model.head)
+    own_trainer = head_cls.trainer()
+    if own_trainer is not None:
+        return own_trainer(preset, data_dir, out_dir, max_minutes=max_minutes, max_steps=max_steps, progress=progress)
+
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import broadcast_object_list, set_seed
     from tqdm.auto import tqdm

@@ -5,6 +5,7 @@
 - at training time, ``expand_targets`` rewrites one sample's token ids (e.g. HiMTok puts its 32 mask tokens
   there), ``extra_inputs`` may append positions after the text (e.g. STAMP's mask queries), and ``loss`` adds
   the head's own terms to the shared text cross-entropy;
+- a head may own its whole training (``trainer``; e.g. the shaper's two stages on a frozen HiMTok model);
 - at inference, ``mask_point_token_id`` is the generated token that opens a mask point (``<seg>`` unless the
   head realises it differently), ``constrain`` may restrict next-token logits, ``in_mask_span`` marks steps the
   head dictates (not counted toward the text budget), ``after_step`` may revise the hidden state of the token
@@ -85,6 +86,13 @@ class MaskHead(nn.Module):
              extra_hidden: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The head's weighted loss terms; the model adds the text cross-entropy."""
         raise NotImplementedError
+
+    @classmethod
+    def trainer(cls) -> Callable[..., dict] | None:
+        """Training: a head that trains differently from the shared loop in :mod:`mmseg.train` (e.g. in stages on a
+        frozen backbone) returns its own ``train(preset, data_dir, out_dir, max_minutes=None, max_steps=None,
+        progress=True) -> summary dict``, which ``mmseg train`` runs instead. None (the default): the shared loop."""
+        return None
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Generation: reject bad per-call options (e.g. ``keep_tokens``) with a ValueError before any work."""

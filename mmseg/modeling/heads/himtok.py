@@ -116,6 +116,7 @@ def read_tokenizer_config(folder: Path) -> MaskTokenizerConfig:
 class HiMTokHead(MaskHead):
     name = "himtok"
     config_cls = HiMTokConfig
+    option_names: tuple[str, ...] = ("keep_tokens",)  # per-call options; subclasses extend (check_options)
 
     def __init__(self, config: HiMTokConfig, hidden_size: int, image_size: int, grid_size: tuple[int, int],
                  asset_dir: Path | None = None) -> None:
@@ -267,7 +268,8 @@ class HiMTokHead(MaskHead):
             blurred = torch.empty_like(soft_target)
             for length in prefixes[:, j].unique().tolist():
                 rows = prefixes[:, j] == length
-                blurred[rows] = gaussian_blur(soft_target[rows], self.prefix_sigma(int(length)))
+                # .to(): under autocast the blur's convolution returns bf16/fp16 (mixed-precision training)
+                blurred[rows] = gaussian_blur(soft_target[rows], self.prefix_sigma(int(length))).to(blurred.dtype)
             terms.append(bce_loss(column, blurred) + self.config.dice_weight * dice_loss(column, blurred))
         prefix_terms = torch.stack(terms) if terms else logits.new_zeros(0)
         return bce, dice, prefix_terms
@@ -310,9 +312,9 @@ class HiMTokHead(MaskHead):
         return int(k)
 
     def check_options(self, options: dict[str, Any]) -> None:
-        unknown = sorted(set(options) - {"keep_tokens"})
+        unknown = sorted(set(options) - set(self.option_names))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for the himtok head; valid: ['keep_tokens']")
+            raise ValueError(f"unknown option(s) {unknown} for the {self.name} head; valid: {list(self.option_names)}")
         self.keep_tokens(options)
 
     def _open_span(self, tokens: list[int]) -> int | None:

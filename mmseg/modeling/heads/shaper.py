@@ -1,0 +1,349 @@
+"""The ``shaper`` head: HiMTok decoding steered by latent reasoning (LatentMorph applied to mask tokens).
+
+Everything HiMTok does stays (vocabulary, targets, constrained decoding, soft decode, ``keep_tokens``). On top, at
+CHECKPOINTS of each mask span (mask-token indices ``i`` with ``(i + 1) % check_every == 0``, ``i < K - 1``: a shift
+at the last code could only change ``<mt_end>``, which is forced), an invoker decides how many shaping rounds to
+run (:mod:`mmseg.modeling.shaper.invoker`). One round, in :meth:`ShaperHead.after_step`:
+
+1. short condenser over a ring buffer of the last ``buffer_size`` last-layer hidden states -> pooled ``m``;
+2. long condenser over the hidden states of the span so far (``<mt_start>`` and codes ``0..i``) plus the image
+   positions of the prompt -> memory tokens;
+3. latent thought: the frozen LM over ``[think-prompt; memory]`` in a separate forward -> ``z``;
+4. translator ``[z, m, p] -> c`` (``p``: the prompt's hidden states pooled, image positions excluded);
+5. control shaper ``c -> shift``; the shift is added to the input embedding of mask token ``i`` and that one
+   position is re-run with :meth:`~mmseg.generation.DecodeSession.replace_last` (its KV entries are replaced, the
+   cache length is unchanged), so the next code and everything after it see the shaped token.
+
+Each answer's :class:`MaskPrediction` ``info`` reports ``invoke`` (the mode), ``invocations`` (rounds run) and
+``invoked_at`` (the mask-token index of every round). Per-call options: ``keep_tokens``, ``invoke`` (one of
+:data:`~mmseg.modeling.shaper.invoker.INVOKE_MODES`) and ``sample_seed`` (sample the learned policy's decisions
+instead of thresholding them; the decisions then come back in ``info["policy_trace"]``, which stage-2 training
+reads).
+
+Training (``mmseg train``) is the head's own: :mod:`mmseg.train_shaper` starts from the HiMTok checkpoint named by
+``init_from``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mmseg.modeling.heads.base import MaskPrediction, register_head
+from mmseg.modeling.heads.himtok import HiMTokConfig, HiMTokHead
+from mmseg.modeling.shaper.condenser import Condenser
+from mmseg.modeling.shaper.control import ControlShaper
+from mmseg.modeling.shaper.invoker import (
+    INVOKE_MODES,
+    PolicyInvoker,
+    check_invoke_mode,
+    entropy_rounds,
+    invoker_features,
+    normalised_entropy,
+)
+from mmseg.modeling.shaper.thought import latent_thought
+from mmseg.modeling.shaper.translator import Translator
+
+if TYPE_CHECKING:
+    from mmseg.generation import DecodeSession
+    from mmseg.modeling.model import MMSegModel
+
+STATE_KEY = "shaper"  # this head's entry in DecodeSession.state (HiMTok's own stays under "himtok")
+
+
+@dataclass(frozen=True)
+class ShaperConfig(HiMTokConfig):
+    """Options of the ``shaper`` head: HiMTok's, plus the shaper's architecture, invocation and training.
+
+    ``init_from``: the HiMTok checkpoint folder that ``mmseg train`` starts from (its backbone, text tokenizer,
+    mask tokenizer and HiMTok options are taken over; only the shaper's parts are new). Training settings that the
+    shared :class:`~mmseg.config.TrainConfig` has no place for live here, as HiMTok's loss weights do.
+    """
+
+    init_from: str | None = None
+    # invocation
+    invoke: str = "learned"  # default mode; a call's ``invoke`` option overrides it
+    check_every: int = 4  # a checkpoint every this many mask tokens
+    max_invocations: int = 4  # cap on shaping rounds per mask
+    entropy_low: float = 0.3  # CNTP rule, on entropy normalised by log(codebook size)
+    entropy_high: float = 0.8
+    entropy_max_rounds: int = 2
+    policy_hidden: int = 32
+    policy_window: int = 4  # checkpoints in the variance feature
+    # architecture
+    buffer_size: int = 8  # ring buffer of recent hidden states (short condenser)
+    short_queries: int = 4
+    long_queries: int = 8
+    condenser_heads: int = 4
+    num_controls: int = 4
+    think_prompt: str = "Think again about the object and the mask so far."
+    # stage 1 (teacher-forced); steps, batch and learning rate come from the preset's "train"
+    shaper_ce_weight: float = 1.0  # CE on the mask tokens after the injection (the HiMTok mask loss is added)
+    # stage 2 (REINFORCE with a group baseline)
+    policy_steps: int = 300
+    policy_lr: float = 3e-3
+    policy_batch: int = 8  # queries per step
+    policy_group: int = 4  # sampled rollouts per query
+    invoke_cost: float = 0.01  # subtracted from the reward per invocation
+    policy_time_share: float = 0.3  # share of --max-minutes / train.max_minutes given to stage 2
+
+
+@dataclass
+class _RowState:
+    """One row's bookkeeping during generation."""
+
+    seen: int = 0  # len(session.tokens[row]) at the previous after_step: tells whether this step fed a token
+    recent: deque = field(default_factory=deque)  # ring buffer of (D,) hidden states
+    span: list[torch.Tensor] | None = None  # hidden states of the open span: <mt_start>, then each code
+    cos: list[float] = field(default_factory=list)  # cos(m, p) at each checkpoint of the open span
+    invoked: list[list[int]] = field(default_factory=list)  # per span: mask-token index of each round
+    trace: list[list[dict]] = field(default_factory=list)  # per span: sampled policy decisions
+
+
+def pad_states(states: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged lists of ``(D,)`` states -> ``(B, N, D)`` zero-padded and ``(B, N)`` bool validity."""
+    n = max(len(s) for s in states)
+    first = states[0][0]
+    out = first.new_zeros(len(states), n, first.shape[-1])
+    valid = torch.zeros(len(states), n, dtype=torch.bool, device=first.device)
+    for i, row in enumerate(states):
+        out[i, : len(row)] = torch.stack(list(row))
+        valid[i, : len(row)] = True
+    return out, valid
+
+
+def pool_prompt(hidden: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden (B, T, D)`` over the positions ``use (B, T)`` marks: ``(B, D)`` float."""
+    weights = use.to(torch.float32)[..., None]
+    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+@register_head
+class ShaperHead(HiMTokHead):
+    name = "shaper"
+    config_cls = ShaperConfig
+    option_names = ("keep_tokens", "invoke", "sample_seed")
+
+    def __init__(self, config: ShaperConfig, hidden_size: int, image_size: int, grid_size: tuple[int, int],
+                 asset_dir: Path | None = None) -> None:
+        check_invoke_mode(config.invoke)
+        for key in ("check_every", "max_invocations", "buffer_size", "short_queries", "long_queries", "num_controls",
+                    "policy_hidden", "policy_window", "policy_batch", "policy_group"):
+            if getattr(config, key) < 1:
+                raise ValueError(f"shaper head: {key} must be >= 1, got {getattr(config, key)}")
+        if not 0.0 <= config.policy_time_share < 1.0:
+            raise ValueError(f"shaper head: policy_time_share must be in [0, 1), got {config.policy_time_share}")
+        if not config.think_prompt.strip():
+            raise ValueError("shaper head: think_prompt is empty")
+        super().__init__(config, hidden_size=hidden_size, image_size=image_size, grid_size=grid_size, asset_dir=asset_dir)
+        self.condense_short = Condenser(hidden_size, config.short_queries, config.condenser_heads)
+        self.condense_long = Condenser(hidden_size, config.long_queries, config.condenser_heads)
+        self.translator = Translator(hidden_size)
+        self.control = ControlShaper(hidden_size, config.num_controls)
+        self.policy = PolicyInvoker(config.policy_hidden)
+
+    @classmethod
+    def trainer(cls) -> Callable[..., dict]:
+        from mmseg.train_shaper import train_shaper
+
+        return train_shaper
+
+    def bind(self, processor: Any, lm: torch.nn.Module) -> None:
+        super().bind(processor, lm)
+        ids = processor.encode_model_text(self.config.think_prompt)
+        self.register_buffer("think_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        self.image_token_id = processor.image_token_id
+
+    def shaper_modules(self) -> dict[str, torch.nn.Module]:
+        """The parts stage 1 trains (the policy is stage 2's)."""
+        return {"condense_short": self.condense_short, "condense_long": self.condense_long,
+                "translator": self.translator, "control": self.control}
+
+    def checkpoints(self) -> list[int]:
+        """Mask-token indices where shaping may happen."""
+        every = self.config.check_every
+        return [i for i in range(self.num_tokens - 1) if (i + 1) % every == 0]
+
+    # -- the shaping computation, shared by inference and training ------------------------------------
+    def shift(self, model: "MMSegModel", recent: torch.Tensor, recent_valid: torch.Tensor, memory_states: torch.Tensor,
+              memory_valid: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """One shaping round for N rows -> the input-embedding shift ``(N, D)``.
+
+        ``recent (N, R, D)`` + ``recent_valid (N, R)``: the ring buffer; ``memory_states (N, M, D)`` +
+        ``memory_valid (N, M)``: image positions and the span so far; ``prompt (N, D)``: the pooled prompt ``p``.
+        """
+        m = self.condense_short.pooled(recent, recent_valid)
+        memory = self.condense_long(memory_states, memory_valid)
+        think = model.lm.get_input_embeddings()(self.think_ids)
+        z = latent_thought(model.decoder, think, memory)
+        return self.control(self.translator(z, m, prompt))
+
+    def prompt_summary(self, ids: torch.Tensor, hidden: torch.Tensor,
+                       prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids (B, T)``, ``hidden (B, T, D)``, ``prompt_mask (B, T)`` (real prompt positions) ->
+        ``(p (B, D), image states (B, P, D))``: the pooled prompt text and the image positions' hidden states."""
+        image = ids == self.image_token_id
+        p = pool_prompt(hidden, prompt_mask & ~image)
+        counts = image.sum(1)
+        if bool((counts != counts[0]).any()) or int(counts[0]) == 0:
+            raise ValueError("the shaper needs the same nonzero number of image positions in every row, got "
+                             f"{counts.tolist()}")
+        return p, hidden[image].view(ids.shape[0], int(counts[0]), hidden.shape[-1])
+
+    # -- options --------------------------------------------------------------------------------------
+    def invoke_mode(self, options: dict[str, Any]) -> str:
+        return check_invoke_mode(options.get("invoke", self.config.invoke))
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        super().check_options(options)
+        self.invoke_mode(options)
+        seed = options.get("sample_seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+            raise ValueError(f"sample_seed must be a whole number >= 0, got {seed!r}")
+
+    # -- inference ------------------------------------------------------------------------------------
+    def _session_state(self, session: "DecodeSession") -> dict[str, Any]:
+        state = session.state.get(STATE_KEY)
+        if state is not None:
+            return state
+        if session.prompt_hidden is None or session.prompt_ids is None:
+            raise ValueError("the shaper head needs the prompt's hidden states: start the session with start_session")
+        t = session.prompt_ids.shape[1]
+        valid = session.cache_valid[:, :t]
+        prompt, image = self.prompt_summary(session.prompt_ids, session.prompt_hidden, valid)
+        rows = []
+        for row in range(session.batch_size):
+            states = session.prompt_hidden[row][valid[row]]
+            rows.append(_RowState(recent=deque(states[-self.config.buffer_size:], maxlen=self.config.buffer_size)))
+        seed = session.options.get("sample_seed")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=session.device).manual_seed(int(seed))
+        state = {"rows": rows, "prompt": prompt, "image": image, "generator": generator,
+                 "mode": self.invoke_mode(session.options)}
+        session.state[STATE_KEY] = state
+        return state
+
+    def after_step(self, session: "DecodeSession", hidden: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Book-keeping for every fed token; shaping rounds at checkpoints. ``hidden (B, 1, D)`` -> ``(B, 1, D)``."""
+        if self.invoke_mode(session.options) == "never":
+            return hidden  # plain HiMTok: not even the bookkeeping, so "never" costs nothing
+        state = self._session_state(session)
+        rows: list[_RowState] = state["rows"]
+        candidates: list[int] = []  # rows at a checkpoint with invocations left
+        checkpoints = set(self.checkpoints())
+        for r, row in enumerate(rows):
+            tokens = session.tokens[r]
+            if len(tokens) == row.seen:  # nothing fed for this row (finished, or its eos)
+                continue
+            row.seen = len(tokens)
+            h = hidden[r, -1]
+            row.recent.append(h)
+            token = tokens[-1]
+            if token == self.mt_start_id:
+                row.span, row.cos = [h], []
+                row.invoked.append([])
+                row.trace.append([])
+            elif row.span is not None and token in self._code_of and len(row.span) <= self.num_tokens:
+                row.span.append(h)
+                if len(row.span) - 2 in checkpoints and len(row.invoked[-1]) < self.config.max_invocations:
+                    candidates.append(r)
+            else:
+                row.span = None
+        if not candidates:
+            return hidden
+        rounds = self._rounds(session, state, candidates, hidden)
+        embeds = session.model.lm.get_input_embeddings()(chosen)[:, None]  # (B, 1, D): the tokens just fed
+        hidden = hidden.clone()
+        for round_index in range(max(rounds, default=0)):
+            active = [r for r, n in zip(candidates, rounds) if n > round_index]
+            recent, recent_valid = pad_states([rows[r].recent for r in active])
+            span, span_valid = pad_states([rows[r].span for r in active])
+            index = torch.tensor(active, device=hidden.device)
+            image = state["image"][index]
+            memory = torch.cat([image, span.to(image.dtype)], dim=1)
+            memory_valid = torch.cat([torch.ones(image.shape[:2], dtype=torch.bool, device=image.device), span_valid], 1)
+            shift = self.shift(session.model, recent, recent_valid, memory, memory_valid, state["prompt"][index])
+            shifted = embeds.clone()
+            shifted[index, 0] = shifted[index, 0] + shift.to(shifted.dtype)
+            embeds = shifted  # a further round shifts the already shaped token again
+            new = session.replace_last(embeds)
+            hidden[index] = new[index].to(hidden.dtype)
+            for r in active:
+                rows[r].recent[-1] = hidden[r, -1]
+                rows[r].span[-1] = hidden[r, -1]
+                rows[r].invoked[-1].append(len(rows[r].span) - 2)
+        return hidden
+
+    def _rounds(self, session: "DecodeSession", state: dict[str, Any], candidates: list[int],
+                hidden: torch.Tensor) -> list[int]:
+        """Shaping rounds per candidate row, by the session's invoke mode, within the cap."""
+        rows: list[_RowState] = state["rows"]
+        mode = state["mode"]
+        left = [self.config.max_invocations - len(rows[r].invoked[-1]) for r in candidates]
+        if mode == "always":
+            return [min(1, n) for n in left]
+        index = torch.tensor(candidates, device=hidden.device)
+        code_logits = session.model.lm.get_output_embeddings()(hidden[index, -1]).index_select(-1, self.code_token_ids)
+        entropy = normalised_entropy(code_logits)  # of the NEXT mask token's distribution
+        if mode == "entropy":
+            wanted = entropy_rounds(entropy, self.config.entropy_low, self.config.entropy_high,
+                                    self.config.entropy_max_rounds).tolist()
+            return [min(w, n) for w, n in zip(wanted, left)]
+        recent, recent_valid = pad_states([rows[r].recent for r in candidates])
+        m = self.condense_short.pooled(recent, recent_valid)
+        cos = F.cosine_similarity(m.float(), state["prompt"][index].float(), dim=-1)
+        features = []
+        for i, r in enumerate(candidates):
+            rows[r].cos.append(float(cos[i]))
+            features.append(invoker_features(rows[r].cos, float(entropy[i]), self.config.policy_window))
+        features_t = torch.stack(features).to(hidden.device)
+        decisions = self.policy.decide(features_t, state["generator"]).tolist()
+        if state["generator"] is not None:
+            for r, f, d in zip(candidates, features, decisions):
+                rows[r].trace[-1].append({"index": len(rows[r].span) - 2, "features": f.tolist(), "invoke": bool(d)})
+        return [int(d) for d in decisions]
+
+    def decode(self, session: "DecodeSession") -> list[list[MaskPrediction]]:
+        """HiMTok's decode, with each mask's invocation record added to its ``info``."""
+        results = super().decode(session)
+        mode = self.invoke_mode(session.options)
+        state = session.state.get(STATE_KEY)
+        for r, predictions in enumerate(results):
+            row = state["rows"][r] if state is not None else None
+            for j, prediction in enumerate(predictions):
+                invoked = row.invoked[j] if row is not None and j < len(row.invoked) else []
+                prediction.info.update({"invoke": mode, "invocations": len(invoked), "invoked_at": list(invoked)})
+                if state is not None and state["generator"] is not None:
+                    prediction.info["policy_trace"] = list(row.trace[j]) if j < len(row.trace) else []
+        return results
+
+
+def shaper_from_himtok(model: "MMSegModel", processor: Any, options: dict[str, Any] | None = None,
+                       asset_dir: Path | None = None) -> "MMSegModel":
+    """A shaper model on a HiMTok model's parts: the SAME vision tower, projector and LM objects (no copy), a new
+    shaper head with the HiMTok head's options plus ``options``. ``asset_dir``: a checkpoint folder holding the
+    mask tokenizer (else the head's ``tokenizer`` path is used)."""
+    from mmseg.modeling.heads.base import build_head
+    from mmseg.modeling.model import MMSegModel
+
+    if model.head.name != "himtok":
+        raise ValueError(f"the shaper starts from a himtok model, got a {model.head.name!r} model")
+    merged = {**model.head.options(), **dict(options or {}), "name": ShaperHead.name}
+    hidden = model.lm.config.get_text_config().hidden_size
+    head = build_head(merged, hidden_size=hidden, image_size=model.vision.image_size, grid_size=model.vision.grid_size,
+                      asset_dir=asset_dir)
+    head.bind(processor, model.lm)
+    config = dataclasses.replace(model.config, head=merged)
+    shaper = MMSegModel(config, model.vision, model.projector, model.lm, head, model.image_token_id)
+    return shaper.to(model.device)
+
+
+__all__ = ["INVOKE_MODES", "ShaperConfig", "ShaperHead", "shaper_from_himtok"]

@@ -1,0 +1,536 @@
+"""Training of the ``shaper`` head, in two stages on a frozen HiMTok model (``mmseg train --config tiny-shaper``).
+
+``mmseg train`` dispatches here through :meth:`ShaperHead.trainer`. The run starts from the HiMTok checkpoint named
+by the preset's ``head.init_from`` (vision tower, projector, LM, text and mask tokenizers and the HiMTok options are
+taken from it; the preset's ``model.vision`` / ``model.lm`` must stay unset).
+
+- **Stage 1, teacher-forced** (``train.max_steps`` steps, ``train.lr``, ``train.batch_size``): backbone and HiMTok
+  head frozen; per mask one random injection point ``i`` among the checkpoints; the condensers, translator and
+  control shaper compute the shift from the teacher-forced hidden states, it is added to mask token ``i``'s input
+  embedding, the sequence is re-run, and the loss is the cross-entropy on the mask tokens AFTER the injection
+  (over the mask vocabulary, as decoding is constrained) plus HiMTok's hierarchical mask loss on the shaped
+  logits. ``base_ce`` (the same CE without the shift) is logged beside it.
+- **Stage 2, REINFORCE** (``head.policy_steps`` steps): the learned invoker samples invoke / continue at each
+  checkpoint of ``head.policy_group`` rollouts per query (the answer text forced up to ``<mt_start>``, the mask
+  tokens generated); reward = IoU(decoded mask, ground truth) - IoU of the same query without invocation
+  - ``head.invoke_cost`` per invocation; advantage = reward - its group's mean. (Within a group the no-invoke IoU
+  is a constant and cancels in the advantage; it keeps the logged reward readable as "gain over HiMTok".)
+
+Only referring samples with a target are drawn (the shaper steers masks; QA pairs, ``train.qa_fraction`` and the
+curriculum do not apply). ``--max-steps`` caps the steps of EACH stage (a finished stage is not reopened on
+resume); ``--max-minutes`` is the whole run, stage 2 getting the last
+``head.policy_time_share`` of it. Re-running with the same ``--out`` resumes (stage, step, optimizers, RNG); every
+save writes a loadable shaper checkpoint, ``history.jsonl`` and ``curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmseg.config import LMConfig, Preset, VisionConfig
+from mmseg.data.prompts import SEGMENT_TEMPLATES, TARGET_ANSWER
+from mmseg.modeling.heads.shaper import ShaperConfig, ShaperHead, shaper_from_himtok
+from mmseg.modeling.model import CONFIG_FILE, MMSegModel, causal_text_attention
+from mmseg.modeling.shaper.invoker import group_advantages, reinforce_loss
+from mmseg.train import CURVE_FILE, HISTORY_FILE, STATE_DIR, lr_at
+
+PROGRESS_FILE = "progress.json"
+HIMTOK_COMMAND = "mmseg train --config tiny-himtok --data DATA_ROOT --out {folder}"
+
+
+# -- the starting model -------------------------------------------------------------------------------------
+def init_model(preset: Preset, options: ShaperConfig) -> tuple[MMSegModel, Any]:
+    """The shaper model on the HiMTok checkpoint ``options.init_from`` (clear errors when it is missing or is
+    not a HiMTok model)."""
+    from mmseg.modeling.builder import is_checkpoint, load_pretrained
+
+    if preset.model.vision != VisionConfig() or preset.model.lm != LMConfig() or preset.model.tokenizer is not None:
+        raise ValueError(f"preset {preset.name!r}: the shaper takes its backbone and tokenizer from head.init_from; "
+                         "remove model.vision, model.lm and model.tokenizer from the preset")
+    if not options.init_from:
+        example = "checkpoints/synthref-himtok"
+        raise ValueError('the shaper head trains from a HiMTok checkpoint: set "init_from" in the preset\'s head, e.g. '
+                         f'"{example}" (train one with `{HIMTOK_COMMAND.format(folder=example)}`)')
+    folder = Path(options.init_from).expanduser()
+    if not is_checkpoint(folder):
+        where = folder if folder.is_absolute() else f"{folder} (relative to the current directory {Path.cwd()})"
+        raise FileNotFoundError(f"init_from: no HiMTok checkpoint at {where}; train one with "
+                                f"`{HIMTOK_COMMAND.format(folder=folder)}` or point head.init_from at one")
+    try:
+        head_name = json.loads((folder / CONFIG_FILE).read_text())["model"]["head"]["name"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"init_from: {folder / CONFIG_FILE} is unreadable: {err}") from None
+    if head_name != "himtok":
+        raise ValueError(f"init_from: {folder} is a {head_name!r} model, not a HiMTok one; the shaper steers HiMTok's "
+                         "mask tokens and starts from a himtok checkpoint")
+    himtok, processor = load_pretrained(folder)
+    shaper_options = {k: v for k, v in preset.model.head.items() if k != "name"}
+    model = shaper_from_himtok(himtok, processor, shaper_options, asset_dir=folder)
+    return model, processor
+
+
+def freeze_for(model: MMSegModel, stage: int) -> None:
+    """Only the stage's own parts train: stage 1 the condensers, translator and control shaper; stage 2 the policy."""
+    head: ShaperHead = model.head
+    model.requires_grad_(False)
+    if stage == 1:
+        for module in head.shaper_modules().values():
+            module.requires_grad_(True)
+    else:
+        head.policy.requires_grad_(True)
+
+
+# -- stage 1 ------------------------------------------------------------------------------------------------
+class ShapingObjective(nn.Module):
+    """Stage-1 loss as a module, so Accelerate/DDP can wrap it (gradients sync through its forward).
+
+    ``forward(batch, points)``: the collator's batch and ``points (B,)``, the mask-token index to inject at per row
+    (rows without a usable mask are skipped). Returns the weighted terms and ``loss``; ``base_ce`` is a no-grad
+    reference (the same CE without the shift).
+    """
+
+    def __init__(self, model: MMSegModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], points: torch.Tensor) -> dict[str, torch.Tensor]:
+        model, head = self.model, self.model.head
+        ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        b, t = ids.shape
+        k = head.num_tokens
+        positions = torch.arange(t, device=ids.device)[None].expand(b, t)
+        rows_attention = causal_text_attention(attention)[:, None]
+        with torch.no_grad():  # the frozen model's teacher-forced pass: where the shaper reads its states
+            embeds, _ = model.embed_inputs(ids, batch["pixel_values"])
+            hidden = model.decoder(inputs_embeds=embeds, attention_mask=rows_attention, position_ids=positions,
+                                   use_cache=False).last_hidden_state
+        start = batch["seg_positions"]
+        rows = (start >= 0).nonzero()[:, 0]
+        if rows.numel():  # as HiMTok's loss: spans the answer trains, all K codes inside the sequence
+            fits = start[rows] + k + 1 < t
+            labelled = labels[rows, (start[rows] + 1).clamp(max=t - 1)] != -100
+            rows = rows[fits & labelled]
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if rows.numel() == 0:
+            zero = sum(p.sum() for p in trainable) * 0.0
+            return {"shaped_ce": zero, "mask_bce": zero, "mask_dice": zero, "mask_prefix": zero, "loss": zero,
+                    "base_ce": zero.detach()}
+        n, s = rows.numel(), start[rows]
+        i = points.to(ids.device)[rows]
+        pos = s + 1 + i  # sequence position of mask token i, the one whose input embedding is shifted
+        # the ring buffer: the last R positions up to and including pos
+        r = head.config.buffer_size
+        recent_pos = pos[:, None] - torch.arange(r - 1, -1, -1, device=ids.device)[None]
+        recent_valid = recent_pos >= 0
+        recent_pos = recent_pos.clamp(min=0)
+        recent_valid &= attention[rows[:, None], recent_pos].bool()
+        recent = hidden[rows[:, None], recent_pos]
+        # the span so far (<mt_start> and codes 0..i), padded, after the image positions
+        span_len = i + 2
+        span_pos = s[:, None] + torch.arange(int(span_len.max()), device=ids.device)[None]
+        span_valid = torch.arange(int(span_len.max()), device=ids.device)[None] < span_len[:, None]
+        span = hidden[rows[:, None], span_pos.clamp(max=t - 1)]
+        prompt_mask = (labels[rows] == -100) & attention[rows].bool()
+        p, image = head.prompt_summary(ids[rows], hidden[rows], prompt_mask)
+        memory = torch.cat([image, span], dim=1)
+        memory_valid = torch.cat([torch.ones(image.shape[:2], dtype=torch.bool, device=ids.device), span_valid], dim=1)
+        shift = head.shift(model, recent, recent_valid, memory, memory_valid, p)  # (N, D), the only grad path
+        shaped = embeds.clone()
+        shaped[rows, pos] = shaped[rows, pos] + shift.to(shaped.dtype)
+        shaped_hidden = model.decoder(inputs_embeds=shaped, attention_mask=rows_attention, position_ids=positions,
+                                      use_cache=False).last_hidden_state
+        code_pos = s[:, None] + torch.arange(k, device=ids.device)[None]  # logits here predict the K codes
+        output = model.lm.get_output_embeddings()
+        code_logits = output(shaped_hidden[rows[:, None], code_pos]).index_select(-1, head.code_token_ids).float()
+        lookup = torch.full((output.weight.shape[0],), -100, dtype=torch.long, device=ids.device)
+        lookup[head.code_token_ids] = torch.arange(head.codebook_size, device=ids.device)
+        target_codes = lookup[labels[rows[:, None], code_pos + 1]]  # (N, K) code indices
+        after = torch.arange(k, device=ids.device)[None] > i[:, None]  # codes i+1 .. K-1 follow the injection
+        targets = torch.where(after, target_codes, torch.full_like(target_codes, -100))
+        ce = F.cross_entropy(code_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        with torch.no_grad():
+            base_logits = output(hidden[rows[:, None], code_pos]).index_select(-1, head.code_token_ids).float()
+            base_ce = F.cross_entropy(base_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        cfg = head.config
+        bce, dice, terms = head.hierarchical_loss(head.soft_codes(code_logits), batch["mask_targets"][rows],
+                                                  head.sample_prefixes(n))
+        w = cfg.mask_loss_weight
+        out = {"shaped_ce": cfg.shaper_ce_weight * ce, "mask_bce": w * bce, "mask_dice": w * cfg.dice_weight * dice,
+               "mask_prefix": w * cfg.prefix_weight * (terms.mean() if terms.numel() else bce * 0.0)}
+        out["loss"] = sum(out.values())
+        out["base_ce"] = cfg.shaper_ce_weight * base_ce
+        return out
+
+
+# -- stage 2 ------------------------------------------------------------------------------------------------
+class PolicyObjective(nn.Module):
+    """Stage-2 loss as a module around the policy (DDP syncs its gradients): see :func:`reinforce_loss`."""
+
+    def __init__(self, head: ShaperHead) -> None:
+        super().__init__()
+        self.policy = head.policy
+
+    def forward(self, features: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor, rollouts: int) -> torch.Tensor:
+        return reinforce_loss(self.policy, features, actions, advantages, rollouts)
+
+
+def mask_iou(answer: Any, target) -> float:
+    """IoU of an answer's masks (their union) with a bool ``(H, W)`` target; both empty counts as 1."""
+    from mmseg.evaluation import predicted_mask
+    from mmseg.metrics import mask_iou_stats
+
+    inter, union = mask_iou_stats(predicted_mask(answer, target.shape), target)
+    return inter / union if union else 1.0
+
+
+def answer_prefix(processor: Any, head: ShaperHead) -> list[int]:
+    """The target answer's ids up to its mask point, ending with ``<mt_start>`` (e.g. ``Sure, <mt_start>``)."""
+    ids = processor.encode_model_text(TARGET_ANSWER)
+    return ids[: ids.index(processor.seg_token_id)] + [head.mt_start_id]
+
+
+def rollouts(model: MMSegModel, processor: Any, samples: Sequence[Any], prompts: Sequence[str], group: int,
+             seed: int) -> tuple[list[list[Any]], list[Any]]:
+    """For each sample: ``group`` answers with the learned policy SAMPLED (seed ``seed``), and one without invocation.
+
+    Answers come from :func:`mmseg.generation.generate` with the answer text forced up to ``<mt_start>`` (stage 2
+    trains the mask-token decoding, not the text); masks are at each image's original size."""
+    from mmseg.generation import generate
+    from mmseg.imageio import load_image
+    from mmseg.predictor import Answer, logits_to_original
+
+    head: ShaperHead = model.head
+    prefix = answer_prefix(processor, head)
+    pixels, boxes, ids = [], [], []
+    for sample, prompt in zip(samples, prompts):
+        px, box = processor.preprocess_image(load_image(sample.image_path))
+        pixels.append(px)
+        boxes.append(box)
+        ids.append(processor.encode_chat([{"role": "user", "content": prompt}])[0])
+    pixels_t = torch.stack(pixels).to(model.device)
+
+    def run(rows: list[int], options: dict) -> list[Any]:
+        gen = generate(model, [ids[r] for r in rows], pixels_t[rows], eos_token_id=processor.eos_token_id,
+                       pad_token_id=processor.pad_token_id, max_new_tokens=len(prefix) + 4, options=options,
+                       answer_prefix=[prefix] * len(rows))
+        answers = []
+        for row, r in enumerate(rows):
+            masks = [(logits_to_original(m.logits, boxes[r], processor.image_size) > 0).cpu().numpy()
+                     for m in gen.masks[row]]
+            answers.append(Answer(text="", masks=masks, info=[m.info for m in gen.masks[row]]))
+        return answers
+
+    n = len(samples)
+    sampled = run([r for r in range(n) for _ in range(group)], {"invoke": "learned", "sample_seed": seed})
+    baseline = run(list(range(n)), {"invoke": "never"})
+    return [sampled[r * group : (r + 1) * group] for r in range(n)], baseline
+
+
+def policy_batch(answers: list[list[Any]], baseline: list[Any], targets: Sequence[Any], cost: float,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Rollouts -> every decision's ``features (M, 4)``, ``actions (M,)`` and its rollout's advantage ``(M,)``, plus
+    the step's means (reward, IoU with and without invocation, invocations per mask, invoke rate)."""
+    group = len(answers[0])
+    rewards = torch.zeros(len(answers), group)
+    ious, invocations = [], []
+    for q, (group_answers, base, target) in enumerate(zip(answers, baseline, targets)):
+        base_iou = mask_iou(base, target)
+        for g, answer in enumerate(group_answers):
+            iou = mask_iou(answer, target)
+            count = sum(info.get("invocations", 0) for info in answer.info)
+            rewards[q, g] = iou - base_iou - cost * count
+            ious.append(iou)
+            invocations.append(count)
+    advantages = group_advantages(rewards)
+    features, actions, per_decision = [], [], []
+    for q, group_answers in enumerate(answers):
+        for g, answer in enumerate(group_answers):
+            for info in answer.info:
+                for decision in info.get("policy_trace", []):
+                    features.append(decision["features"])
+                    actions.append(float(decision["invoke"]))
+                    per_decision.append(float(advantages[q, g]))
+    stats = {"reward": float(rewards.mean()), "iou": sum(ious) / max(1, len(ious)),
+             "iou_never": sum(mask_iou(b, t) for b, t in zip(baseline, targets)) / max(1, len(targets)),
+             "invocations": sum(invocations) / max(1, len(invocations)),
+             "invoke_rate": sum(actions) / max(1, len(actions)), "decisions": float(len(actions))}
+    as_tensor = lambda values, shape: torch.tensor(values, dtype=torch.float32, device=device).reshape(shape)  # noqa: E731
+    return as_tensor(features, (-1, 4)), as_tensor(actions, (-1,)), as_tensor(per_decision, (-1,)), stats
+
+
+# -- validation and the curve -------------------------------------------------------------------------------
+class _Recording:
+    """A segmenter that remembers its answers' mask infos (to count invocations during validation)."""
+
+    def __init__(self, segmenter: Any) -> None:
+        self.segmenter = segmenter
+        self.infos: list[dict] = []
+
+    def batch(self, conversations, images, **options):
+        answers = self.segmenter.batch(conversations, images, **options)
+        for answer in answers:
+            self.infos.extend(answer.info)
+        return answers
+
+
+def validate(model: MMSegModel, processor: Any, val_set: Any, indices: list[int], modes: Sequence[str],
+             autocast: Any) -> dict[str, float]:
+    """cIoU / gIoU (own answers) and invocations per mask on validation samples, per invoke mode."""
+    from mmseg.evaluation import evaluate_refer
+    from mmseg.predictor import Segmenter
+
+    metrics: dict[str, float] = {}
+    model.eval()
+    recorder = _Recording(Segmenter(model, processor))
+    for mode in modes:
+        recorder.infos = []
+        with autocast():
+            result = evaluate_refer(recorder, val_set, indices, batch_size=32, invoke=mode)
+        metrics[f"val_ciou_{mode}"] = result["ciou"]
+        metrics[f"val_giou_{mode}"] = result["giou"]
+        calls = sum(i.get("invocations", 0) for i in recorder.infos)
+        metrics[f"val_invocations_{mode}"] = calls / max(1, len(recorder.infos))
+    return metrics
+
+
+def plot_curve(history: list[dict], path: Path) -> None:
+    """Stage-1 losses, stage-2 rewards and the validation cIoU per invoke mode against the global step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
+    one = [h for h in history if h.get("stage") == 1 and "loss" in h]
+    for key in ("shaped_ce", "base_ce", "mask_bce"):
+        if one and key in one[0]:
+            ax1.plot([h["step"] for h in one], [h[key] for h in one], label=key)
+    ax1.set_title("stage 1 (teacher-forced)"), ax1.set_xlabel("step")
+    two = [h for h in history if h.get("stage") == 2 and "reward" in h]
+    for key in ("reward", "invoke_rate", "iou", "iou_never"):
+        if two:
+            ax2.plot([h["step"] for h in two], [h[key] for h in two], label=key)
+    ax2.set_title("stage 2 (policy)"), ax2.set_xlabel("step")
+    val = [h for h in history if any(k.startswith("val_ciou_") for k in h)]
+    for mode in ("never", "always", "entropy", "learned"):
+        pts = [(h["step"], h[f"val_ciou_{mode}"]) for h in val if f"val_ciou_{mode}" in h]
+        if pts:
+            ax3.plot(*zip(*pts), marker="o", label=mode)
+    ax3.set_ylim(0, 1), ax3.set_title("validation cIoU"), ax3.set_xlabel("step")
+    for ax in (ax1, ax2, ax3):
+        if ax.get_legend_handles_labels()[0]:  # an empty legend only warns
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# -- the run ------------------------------------------------------------------------------------------------
+def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes: float | None = None,
+                 max_steps: int | None = None, progress: bool = True) -> dict:
+    """Both stages from ``preset`` (a ``shaper`` head) on the SynthRef / REFER-layout data in ``data_dir``;
+    checkpoints in ``out_dir`` (re-run to resume). Returns a summary with the last validation metrics."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from mmseg.data.collate import Collator, ExamplePool
+    from mmseg.data.refer import ReferDataset
+    from mmseg.modeling.builder import is_checkpoint, load_pretrained
+    from mmseg.modeling.heads import head_config
+
+    _, options = head_config(preset.model.head)
+    if not isinstance(options, ShaperConfig):
+        raise ValueError(f"train_shaper needs a shaper head, got {preset.model.head.get('name')!r}")
+    cfg = replace(preset.train, **({"max_minutes": max_minutes} if max_minutes is not None else {}))
+    steps1 = cfg.max_steps if max_steps is None else min(cfg.max_steps, max_steps)
+    steps2 = options.policy_steps if max_steps is None else min(options.policy_steps, max_steps)
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if accelerator.device.type == "cpu" and world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    set_seed(cfg.seed)
+    for size, what in ((cfg.batch_size, "batch_size"), (options.policy_batch, "head.policy_batch")):
+        if size % world:
+            raise ValueError(f"{what} {size} is not divisible by {world} processes")
+
+    state_dir = out_dir / STATE_DIR
+    resuming = is_checkpoint(out_dir) and (state_dir / PROGRESS_FILE).is_file()
+    if resuming:
+        model, processor = load_pretrained(out_dir)
+        if model.head.name != ShaperHead.name:
+            raise ValueError(f"{out_dir} holds a {model.head.name!r} model with training state; use another --out")
+    else:
+        model, processor = init_model(preset, options)
+    model = model.to(accelerator.device)
+    head: ShaperHead = model.head
+
+    train_set = ReferDataset(data_dir, "synthref", "unc", "train")
+    val_set = ReferDataset(data_dir, "synthref", "unc", "val")
+    pool = ExamplePool(train_set, [], train_set.image_root)
+    target_types = [t for t in pool.by_type if t != "no_target"]
+    target_indices = [i for t in target_types for i in pool.by_type[t]]
+    if not target_indices:
+        raise ValueError(f"{data_dir}: the train split has no referring expression with a target")
+    collate = Collator(processor, head)
+    val_indices = list(range(0, len(val_set), max(1, len(val_set) // cfg.eval_samples)))[: cfg.eval_samples]
+
+    # Stage objects are prepared once, each while only its own parameters require grad, so that DDP registers
+    # exactly those (a parameter in two DDP wrappers would be reduced twice).
+    objective1, objective2 = ShapingObjective(model), PolicyObjective(head)
+    freeze_for(model, 1)
+    shaper_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in shaper_params if p.ndim >= 2]
+    no_decay = [p for n, p in shaper_params if p.ndim < 2]
+    optimizer1 = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    objective1, optimizer1 = accelerator.prepare(objective1, optimizer1)
+    freeze_for(model, 2)
+    optimizer2 = torch.optim.Adam(head.policy.parameters(), lr=options.policy_lr)
+    objective2, optimizer2 = accelerator.prepare(objective2, optimizer2)
+
+    # ``step`` counts the current stage's steps; history and the curve use the global step (stage 2 continues the
+    # count where stage 1 ended).
+    stage, step, stage1_done, elapsed_before, history = 1, 0, 0, 0.0, []
+    if resuming:
+        accelerator.load_state(str(state_dir))
+        info = json.loads((state_dir / PROGRESS_FILE).read_text())
+        stage, step, stage1_done, elapsed_before = info["stage"], info["step"], info["stage1_steps"], info["elapsed_s"]
+        history_path = out_dir / HISTORY_FILE
+        if history_path.exists():
+            history = [json.loads(line) for line in history_path.read_text().splitlines()]
+        reached = step if stage == 1 else stage1_done + step
+        history = [h for h in history if h["stage"] < stage or (h["stage"] == stage and h["step"] <= reached)]
+    elif accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    start = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - start
+
+    total_s = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
+    stage1_s = None if total_s is None else total_s * (1.0 - options.policy_time_share)
+    last_metrics: dict = {}
+    never_metrics: dict = {}  # the frozen HiMTok baseline does not change during the run: validated once
+    bar: Any = None
+
+    def save() -> None:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(state_dir))
+        if accelerator.is_main_process:
+            model.save_pretrained(out_dir)
+            processor.save_pretrained(out_dir)
+            (state_dir / PROGRESS_FILE).write_text(json.dumps(
+                {"stage": stage, "step": step, "stage1_steps": stage1_done, "elapsed_s": elapsed()}))
+            (out_dir / "train_config.json").write_text(json.dumps(
+                {"preset": preset.name, "train": asdict(cfg), "head": head.options(), "stage1_steps": steps1,
+                 "stage2_steps": steps2, "data": str(data_dir), "world_size": world}, indent=2))
+            (out_dir / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
+            plot_curve(history, out_dir / CURVE_FILE)
+        accelerator.wait_for_everyone()
+
+    def evaluate(mode: str, global_step: int) -> dict:
+        metrics: dict = {}
+        if accelerator.is_main_process:
+            if not never_metrics:
+                never_metrics.update(validate(model, processor, val_set, val_indices, ["never"], accelerator.autocast))
+            metrics = {**never_metrics, **validate(model, processor, val_set, val_indices, [mode], accelerator.autocast)}
+            history.append({"stage": stage, "step": global_step, "elapsed_s": round(elapsed(), 1), **metrics})
+            bar.write(f"stage {stage} step {global_step}: " + json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        accelerator.wait_for_everyone()
+        return metrics
+
+    # ---- stage 1: teacher-forced shaping ----
+    if stage == 1:
+        checkpoints = head.checkpoints()
+        bar = tqdm(total=steps1, initial=step, desc="shaper stage 1", disable=not (progress and accelerator.is_main_process))
+        freeze_for(model, 1)
+        model.eval()  # frozen backbone: no dropout (the shaper's parts have none)
+        while step < steps1:
+            fraction = step / steps1 if stage1_s is None else max(step / steps1, elapsed() / stage1_s)
+            lr = lr_at(step, fraction, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+            for group in optimizer1.param_groups:
+                group["lr"] = lr
+            rng = random.Random(cfg.seed * 1_000_003 + step)  # (seed, step) -> data: a resumed run sees the same
+            examples = [pool.draw(rng, 0.0, target_types) for _ in range(cfg.batch_size)]
+            points = torch.tensor([rng.choice(checkpoints) for _ in range(cfg.batch_size)])
+            mine = slice(rank, None, world)
+            batch = {k: v.to(accelerator.device) for k, v in collate(examples[mine]).items()}
+            with accelerator.autocast():
+                losses = objective1(batch, points[mine])
+            accelerator.backward(losses["loss"])
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_([p for _, p in shaper_params], cfg.grad_clip)
+            optimizer1.step()
+            optimizer1.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == 1:
+                record = {"stage": 1, "step": step, "elapsed_s": round(elapsed(), 1), "lr": lr,
+                          **{k: round(float(v.detach()), 5) for k, v in losses.items()}}
+                history.append(record)
+                bar.set_postfix(ce=f"{record['shaped_ce']:.3f}", base=f"{record['base_ce']:.3f}")
+            out_of_time = stage1_s is not None and elapsed() >= stage1_s
+            if step % cfg.eval_every == 0 or step == steps1 or out_of_time:
+                last_metrics = evaluate("always", step)
+            if out_of_time:
+                break
+            if step % cfg.save_every == 0 and step < steps1:
+                save()
+        bar.close()
+        stage, stage1_done, step = 2, step, 0
+        save()  # the stage boundary: a resume starts stage 2
+
+    # ---- stage 2: the learned invoker ----
+    freeze_for(model, 2)
+    model.eval()
+    group_size = options.policy_group
+    per_process = options.policy_batch // world
+    bar = tqdm(total=steps2, initial=step, desc="shaper stage 2", disable=not (progress and accelerator.is_main_process))
+    while step < steps2 and not (total_s is not None and elapsed() >= total_s):
+        rng = random.Random(cfg.seed * 1_000_003 + 7_919 * (step + 1))
+        chosen = [rng.choice(target_indices) for _ in range(options.policy_batch)]
+        templates = [rng.choice(SEGMENT_TEMPLATES) for _ in chosen][rank::world]  # varied phrasing, as in stage 1
+        samples = [train_set[i] for i in chosen[rank::world]]
+        prompts = [template.format(expression=s.sentence) for template, s in zip(templates, samples)]
+        seed = (cfg.seed * 1_000_003 + step) * world + rank  # each process samples its own decisions
+        answers, baseline = rollouts(model, processor, samples, prompts, group_size, seed)
+        features, actions, advantages, stats = policy_batch(answers, baseline, [s.mask for s in samples],
+                                                            options.invoke_cost, accelerator.device)
+        loss = objective2(features, actions, advantages, per_process * group_size)
+        accelerator.backward(loss)
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(list(head.policy.parameters()), cfg.grad_clip)
+        optimizer2.step()
+        optimizer2.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        global_step = stage1_done + step
+        if step % cfg.log_every == 0 or step == 1:
+            history.append({"stage": 2, "step": global_step, "elapsed_s": round(elapsed(), 1),
+                            "policy_loss": round(float(loss.detach()), 5), **{k: round(v, 5) for k, v in stats.items()}})
+            bar.set_postfix(reward=f"{stats['reward']:.3f}", invoke=f"{stats['invoke_rate']:.2f}")
+        out_of_time = total_s is not None and elapsed() >= total_s
+        if step % cfg.eval_every == 0 or step == steps2 or out_of_time:
+            last_metrics = evaluate("learned", global_step)
+        if step % cfg.save_every == 0 or step == steps2 or out_of_time:
+            save()
+    bar.close()
+    summary = {"stage1_steps": stage1_done, "stage2_steps": step, "elapsed_s": round(elapsed(), 1), **last_metrics}
+    if accelerator.is_main_process:
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.end_training()
+    return summary

@@ -1,0 +1,504 @@
+"""The shaper head: HiMTok decoding steered by latent reasoning (condenser, thought, translator, shaper, invoker),
+its two training stages through ``mmseg train``, persistence and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmseg.generation import DecodeSession, generate
+from mmseg.modeling.heads.shaper import ShaperHead, shaper_from_himtok
+from mmseg.modeling.shaper import PolicyInvoker, entropy_rounds, group_advantages, invoker_features, reinforce_loss
+from mmseg.predictor import Segmenter
+from test_himtok_head import K, _model, _opening_constrain, _write_tokenizer
+from tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return _write_tokenizer(tmp_path_factory.mktemp("himt") / "mask_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def pair(tokenizer_dir):
+    """A tiny HiMTok model and a shaper on the SAME parts (no copy), with non-zero control strengths so that a
+    shaping round changes something."""
+    himtok, proc = _model(tokenizer_dir, seed=2)
+    shaper = shaper_from_himtok(himtok, proc).eval()
+    with torch.no_grad():
+        shaper.head.control.strengths.copy_(torch.tensor([1.0, -0.5, 2.0, 1.5]))
+    return himtok, shaper, proc
+
+
+@pytest.fixture()
+def forced(pair, monkeypatch):
+    """Both models open one mask at once and stop after it (an untrained LM would not by itself)."""
+    himtok, shaper, proc = pair
+    for model in (himtok, shaper):
+        monkeypatch.setattr(model.head, "constrain", _opening_constrain(model.head, proc.eos_token_id))
+    return himtok, shaper, proc
+
+
+def _generate(model, proc, queries, pixels=None, **options):
+    prompts = [proc.encode_chat([{"role": "user", "content": q}])[0] for q in queries]
+    pixels = torch.randn(len(queries), 3, 64, 64, generator=torch.Generator().manual_seed(0)) if pixels is None else pixels
+    return generate(model, prompts, pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
+                    max_new_tokens=4, options=options)
+
+
+QUERIES = ["the red circle", "a much longer query about the blue star on the left"]
+
+
+# -- HiMTok unchanged when the shaper stays silent ----------------------------------------------------------
+def test_never_gives_exactly_the_himtok_outputs(forced):
+    himtok, shaper, proc = forced
+    base, never = _generate(himtok, proc, QUERIES), _generate(shaper, proc, QUERIES, invoke="never")
+    assert never.tokens == base.tokens and never.text_tokens == base.text_tokens
+    for row in range(len(QUERIES)):
+        a, b = base.masks[row][0], never.masks[row][0]
+        assert torch.equal(a.logits, b.logits)
+        assert b.info == {**a.info, "invoke": "never", "invocations": 0, "invoked_at": []}
+    # the same through the public API, per call
+    image = Image.new("RGB", (50, 40), (200, 10, 10))
+    x, y = Segmenter(himtok, proc)(image, "the red one"), Segmenter(shaper, proc)(image, "the red one", invoke="never")
+    assert x.text == y.text and np.array_equal(x.logits[0], y.logits[0])
+
+
+def test_an_untrained_shaper_changes_nothing_even_when_invoked(tokenizer_dir, monkeypatch):
+    """Control strengths start at zero: training starts exactly from HiMTok's behaviour."""
+    himtok, proc = _model(tokenizer_dir, seed=2)
+    shaper = shaper_from_himtok(himtok, proc).eval()
+    for model in (himtok, shaper):
+        monkeypatch.setattr(model.head, "constrain", _opening_constrain(model.head, proc.eos_token_id))
+    base, always = _generate(himtok, proc, QUERIES), _generate(shaper, proc, QUERIES, invoke="always")
+    assert always.tokens == base.tokens and always.masks[0][0].info["invocations"] > 0
+    torch.testing.assert_close(always.masks[0][0].logits, base.masks[0][0].logits, atol=1e-4, rtol=1e-4)
+
+
+# -- the re-run -----------------------------------------------------------------------------------------------
+def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if hasattr(cache, "layers"):
+        return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    return [(k.clone(), v.clone()) for k, v in zip(cache.key_cache, cache.value_cache)]  # older transformers
+
+
+def test_shaping_replaces_the_kv_entries_of_one_position(forced, monkeypatch):
+    _, shaper, proc = forced
+    records = []
+    original = DecodeSession.replace_last
+
+    def spy(session, embeds):
+        before, length = _layers(session.cache), session.cache_length
+        out = original(session, embeds)
+        records.append((length, session.cache_length, before, _layers(session.cache)))
+        return out
+
+    monkeypatch.setattr(DecodeSession, "replace_last", spy)
+    gen = _generate(shaper, proc, QUERIES[:1], invoke="always")
+    assert len(records) == gen.masks[0][0].info["invocations"] == len(shaper.head.checkpoints()[:4])
+    for length, after_length, before, after in records:
+        assert after_length == length  # the cache did not grow
+        for (k0, v0), (k1, v1) in zip(before, after):
+            assert k1.shape == k0.shape and v1.shape == v0.shape
+            assert torch.equal(k1[..., :-1, :], k0[..., :-1, :]) and torch.equal(v1[..., :-1, :], v0[..., :-1, :])
+        assert any(not torch.allclose(k1[..., -1, :], k0[..., -1, :]) for (k0, _), (k1, _) in zip(before, after))
+    never = _generate(shaper, proc, QUERIES[:1], invoke="never")
+    assert not torch.allclose(gen.masks[0][0].logits, never.masks[0][0].logits)  # shaping changed the decoding
+
+
+def test_info_reports_the_invocations_at_checkpoints(forced):
+    _, shaper, proc = forced
+    head = shaper.head
+    assert head.checkpoints() == [3, 7, 11, 15, 19, 23, 27]  # check_every=4; never the last code
+    gen = _generate(shaper, proc, QUERIES, invoke="always")
+    for row in range(2):
+        info = gen.masks[row][0].info
+        assert info["invoke"] == "always" and info["invocations"] == 4 and info["invoked_at"] == [3, 7, 11, 15]
+        assert len(info["mask_tokens"]) == K and "policy_trace" not in info
+        assert gen.text_tokens[row][0] == proc.seg_token_id
+
+
+def test_shaped_batches_equal_one_at_a_time(forced):
+    _, shaper, proc = forced
+    seg = Segmenter(shaper, proc)
+    images = [Image.new("RGB", (40, 40), (200, 0, 0)), Image.new("RGB", (60, 30), (0, 0, 200))]
+    convs = [[{"role": "user", "content": q}] for q in QUERIES]
+    both = seg.batch(convs, images, invoke="entropy")
+    for i in range(2):
+        one = seg.chat(convs[i], images[i], invoke="entropy")
+        assert one.info == both[i].info
+        np.testing.assert_allclose(one.logits[0], both[i].logits[0], atol=1e-3, rtol=1e-3)
+
+
+# -- the invoker ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["always", "entropy", "learned"])
+def test_the_invocation_cap_holds(tokenizer_dir, monkeypatch, mode):
+    himtok, proc = _model(tokenizer_dir, seed=2)
+    # an eager configuration: every checkpoint (each token) wants several rounds
+    shaper = shaper_from_himtok(himtok, proc, {"check_every": 1, "max_invocations": 3, "entropy_low": 0.0,
+                                               "entropy_high": 1e-6, "entropy_max_rounds": 2}).eval()
+    monkeypatch.setattr(shaper.head, "constrain", _opening_constrain(shaper.head, proc.eos_token_id))
+    with torch.no_grad():
+        shaper.head.control.strengths.fill_(0.5)
+        shaper.head.policy.mlp[-1].bias.fill_(10.0)  # the learned policy always says invoke
+    gen = _generate(shaper, proc, QUERIES, invoke=mode)
+    for row in range(2):
+        info = gen.masks[row][0].info
+        assert info["invocations"] == 3 == len(info["invoked_at"])
+    expected = {"always": [0, 1, 2], "entropy": [0, 0, 1], "learned": [0, 1, 2]}[mode]  # entropy: 2 rounds at 0
+    assert gen.masks[0][0].info["invoked_at"] == expected
+    sampled = _generate(shaper, proc, QUERIES, invoke="learned", sample_seed=1)
+    trace = sampled.masks[0][0].info["policy_trace"]
+    assert len(trace) == 3 and all(t["invoke"] for t in trace) and sampled.masks[0][0].info["invocations"] == 3
+
+
+def test_entropy_rule_follows_cntp():
+    h = torch.tensor([0.0, 0.3, 0.58, 0.6, 0.8, 1.0])
+    assert entropy_rounds(h, 0.3, 0.8, 2).tolist() == [0, 0, 1, 1, 2, 2]  # n = 1 + 2 * clamp((H - .3) / .5)
+    assert entropy_rounds(h, 0.3, 0.8, 1).tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_invoker_features():
+    f = invoker_features([0.2, 0.5, 0.4], entropy=0.9, window=2)
+    torch.testing.assert_close(f, torch.tensor([0.4, -0.1, 0.0025, 0.9]))
+    torch.testing.assert_close(invoker_features([0.3], 0.1, 4), torch.tensor([0.3, 0.0, 0.0, 0.1]))
+
+
+def test_one_policy_gradient_step_favours_the_rewarded_action():
+    torch.manual_seed(0)
+    policy = PolicyInvoker(hidden=8)
+    state = torch.tensor([[0.3, 0.05, 0.01, 0.7]])
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
+    for rewarded, direction in ((1.0, 1), (0.0, -1)):
+        before = float(policy.probability(state).detach())
+        # one query, a group of 4 rollouts with one decision each: two invoked, two did not
+        actions = torch.tensor([1.0, 0.0, 1.0, 0.0])
+        rewards = torch.where(actions == rewarded, 1.0, 0.0)[None]  # (1, 4)
+        advantages = group_advantages(rewards)[0]
+        assert advantages.sum().abs() < 1e-6  # the group mean is the baseline
+        loss = reinforce_loss(policy, state.expand(4, -1), actions, advantages, rollouts=4)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        after = float(policy.probability(state).detach())
+        assert (after - before) * direction > 1e-3, (rewarded, before, after)
+
+
+def test_policy_rollouts_force_the_answer_up_to_the_mask(pair, synthref_root):
+    """Stage 2 trains the mask-token decoding: the answer text is forced up to <mt_start> (generate's
+    answer_prefix), so even an untrained model opens a mask and the sampled policy decides at its checkpoints."""
+    from mmseg.data.refer import ReferDataset
+    from mmseg.train_shaper import answer_prefix, rollouts
+
+    _, shaper, proc = pair
+    prefix = answer_prefix(proc, shaper.head)
+    assert prefix[-1] == shaper.head.mt_start_id and proc.seg_token_id not in prefix
+    gen = _generate(shaper, proc, QUERIES, invoke="never")
+    assert all(not masks for masks in gen.masks)  # left alone, the untrained LM opens no mask
+    data = ReferDataset(synthref_root, "synthref", "unc", "train")
+    samples = [data[0], data[1]]
+    answers, baseline = rollouts(shaper, proc, samples, ["Segment it."] * 2, group=3, seed=0)
+    assert [len(group) for group in answers] == [3, 3] and len(baseline) == 2
+    for sample, group, base in zip(samples, answers, baseline):
+        assert base.info[0]["invocations"] == 0 and base.masks[0].shape == sample.mask.shape
+        for answer in group:
+            trace = answer.info[0]["policy_trace"]
+            assert [t["index"] for t in trace][:1] == [3] and answer.info[0]["invocations"] == sum(t["invoke"] for t in trace)
+    # decisions are sampled: the three rollouts of one query do not all agree
+    decisions = [tuple(t["invoke"] for t in a.info[0]["policy_trace"]) for group in answers for a in group]
+    assert len(set(decisions)) > 1
+
+
+def test_rewards_subtract_the_no_invoke_iou_and_the_cost():
+    from mmseg.train_shaper import policy_batch
+
+    target = np.zeros((4, 4), bool)
+    target[:2] = True
+
+    def answer(rows: int, invocations: int, decisions: list[bool]):
+        mask = np.zeros((4, 4), bool)
+        mask[:rows] = True
+        trace = [{"features": [0.1 * i, 0.0, 0.0, 0.5], "invoke": d} for i, d in enumerate(decisions)]
+        return SimpleNamespace(masks=[mask], info=[{"invocations": invocations, "policy_trace": trace}])
+
+    group = [answer(2, 1, [True, False]), answer(4, 0, [False, False])]  # IoU 1.0 with 1 call; IoU 0.5 with none
+    features, actions, advantages, stats = policy_batch([group], [answer(3, 0, [])], [target], cost=0.1,
+                                                        device=torch.device("cpu"))
+    base = 2 / 3
+    rewards = torch.tensor([1.0 - base - 0.1, 0.5 - base])
+    assert stats["reward"] == pytest.approx(float(rewards.mean())) and stats["iou_never"] == pytest.approx(base)
+    assert actions.tolist() == [1.0, 0.0, 0.0, 0.0] and features.shape == (4, 4)
+    expected = (rewards - rewards.mean()).repeat_interleave(2)
+    torch.testing.assert_close(advantages, expected)
+
+
+# -- options and errors -----------------------------------------------------------------------------------------
+def test_bad_options_and_config_are_clear_errors(forced, tokenizer_dir):
+    _, shaper, proc = forced
+    seg = Segmenter(shaper, proc)
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(ValueError, match="unknown invoke mode 'sometimes'; valid: never, always, entropy, learned"):
+        seg(image, "the red one", invoke="sometimes")
+    with pytest.raises(ValueError, match="sample_seed must be a whole number"):
+        seg(image, "the red one", sample_seed=-1)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['keep_token'\] for the shaper head"):
+        seg(image, "the red one", keep_token=3)
+    answer = seg(image, "the red one", invoke="always", keep_tokens=8)
+    assert answer.info[0]["keep_tokens"] == 8 and answer.info[0]["invocations"] == 4
+    himtok, proc2 = _model(tokenizer_dir, seed=2)
+    with pytest.raises(ValueError, match="unknown invoke mode 'maybe'"):
+        shaper_from_himtok(himtok, proc2, {"invoke": "maybe"})
+    with pytest.raises(ValueError, match="check_every must be >= 1"):
+        shaper_from_himtok(himtok, proc2, {"check_every": 0})
+    with pytest.raises(ValueError, match="starts from a himtok model"):
+        shaper_from_himtok(tiny_model()[0], proc2)
+
+
+# -- persistence --------------------------------------------------------------------------------------------------
+def test_save_and_from_pretrained_give_identical_answers(forced, tmp_path, monkeypatch):
+    _, shaper, proc = forced
+    with torch.no_grad():
+        shaper.head.policy.mlp[-1].bias.fill_(0.3)
+    seg = Segmenter(shaper, proc)
+    seg.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["model"]["head"]
+    assert config["name"] == "shaper" and config["invoke"] == "learned" and config["num_tokens"] == K
+    loaded = Segmenter.from_pretrained(tmp_path, device="cpu")
+    assert isinstance(loaded.model.head, ShaperHead)
+    monkeypatch.setattr(loaded.model.head, "constrain", _opening_constrain(loaded.model.head, proc.eos_token_id))
+    for name, p in shaper.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], p), name
+    image = Image.new("RGB", (48, 40), (0, 0, 255))
+    try:
+        for options in ({}, {"invoke": "always"}, {"invoke": "entropy"}, {"invoke": "learned", "sample_seed": 5}):
+            a, b = seg(image, "the blue one", **options), loaded(image, "the blue one", **options)
+            assert a.text == b.text and a.info == b.info and np.array_equal(a.logits[0], b.logits[0]), options
+        assert a.info[0]["invocations"] > 0
+    finally:
+        with torch.no_grad():  # the module's shared model goes back to an untrained policy
+            shaper.head.policy.mlp[-1].bias.zero_()
+
+
+# -- training -----------------------------------------------------------------------------------------------------
+def test_stage_one_objective_matches_inference_and_trains_only_the_shaper(forced, monkeypatch):
+    """The teacher-forced states equal the ones decoding collects: the shift computed in training for mask token i
+    is the one inference adds there. Gradients reach the shaper's parts, never the frozen model."""
+    from mmseg.train_shaper import ShapingObjective, freeze_for
+
+    _, shaper, proc = forced
+    head = shaper.head
+    shifts = []
+    original = head.shift
+    monkeypatch.setattr(head, "shift", lambda *a: shifts.append(original(*a)) or shifts[-1])
+    pixels = torch.randn(1, 3, 64, 64)
+    prompt = proc.encode_chat([{"role": "user", "content": QUERIES[1]}])[0]
+    gen = generate(shaper, [prompt], pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
+                   max_new_tokens=4, options={"invoke": "always"})
+    inference_shift = shifts[0]  # at mask token 3, before any other shaping
+    answer = gen.tokens[0] + [proc.eos_token_id]
+    ids = torch.tensor([prompt + answer])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
+             "labels": torch.tensor([[-100] * len(prompt) + answer]), "mask_targets": torch.zeros(1, 64, 64),
+             "seg_positions": torch.tensor([len(prompt)])}
+    objective = ShapingObjective(shaper)
+    freeze_for(shaper, 1)
+    try:
+        losses = objective(batch, torch.tensor([3]))
+        torch.testing.assert_close(shifts[-1], inference_shift, atol=1e-4, rtol=1e-3)
+        assert set(losses) == {"shaped_ce", "mask_bce", "mask_dice", "mask_prefix", "loss", "base_ce"}
+        assert all(torch.isfinite(v) for v in losses.values())
+        shaper.zero_grad()
+        losses["loss"].backward()
+        for name, p in shaper.named_parameters():
+            trained = name.startswith(("head.condense_short", "head.condense_long", "head.translator", "head.control"))
+            assert (p.grad is not None) == trained, name
+        assert shaper.head.control.strengths.grad.abs().sum() > 0
+        assert shaper.head.condense_long.queries.grad.abs().sum() > 0  # through the frozen LM's latent thought
+        with torch.no_grad():  # a zero shift leaves the teacher-forced CE where HiMTok has it
+            shaper.head.control.strengths.zero_()
+            zero = objective(batch, torch.tensor([3]))
+        torch.testing.assert_close(zero["shaped_ce"], zero["base_ce"])
+    finally:
+        shaper.zero_grad()
+        shaper.requires_grad_(True)
+        with torch.no_grad():
+            shaper.head.control.strengths.copy_(torch.tensor([1.0, -0.5, 2.0, 1.5]))
+
+
+def test_stage_one_objective_under_bf16_autocast(forced):
+    """The mixed-precision path of the real presets (the hierarchical loss's blur runs in bf16 under autocast)."""
+    from mmseg.train_shaper import ShapingObjective
+
+    _, shaper, proc = forced
+    head = shaper.head
+    ids, labels = proc.encode_chat([{"role": "user", "content": "the red circle"}], "Sure, <seg>.")
+    mask = torch.zeros(64, 64)
+    mask[10:40, 5:30] = 1
+    ids, labels = head.expand_targets(ids, labels, mask)
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+             "labels": torch.tensor([labels]), "pixel_values": torch.randn(1, 3, 64, 64), "mask_targets": mask[None],
+             "seg_positions": torch.tensor([ids.index(head.mt_start_id)])}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = ShapingObjective(shaper)(batch, torch.tensor([7]))
+    assert all(torch.isfinite(v.float()) for v in losses.values()) and losses["mask_prefix"] > 0
+
+
+def _himtok_checkpoint(tokenizer_dir: Path, folder: Path) -> Path:
+    model, proc = _model(tokenizer_dir, seed=3)
+    Segmenter(model, proc).save_pretrained(folder)
+    return folder
+
+
+def _preset(tmp_path: Path, init_from: str | None, **head) -> Path:
+    head = {"name": "shaper", **({"init_from": init_from} if init_from is not None else {}), "policy_steps": 2,
+            "policy_batch": 2, "policy_group": 2, "invoke_cost": 0.05, **head}
+    train = {"batch_size": 2, "lr": 1e-2, "warmup_steps": 1, "max_steps": 2, "eval_every": 1000, "eval_samples": 2,
+             "save_every": 1000, "log_every": 1, "mixed_precision": "no"}
+    path = tmp_path / "shaper.json"
+    path.write_text(json.dumps({"model": {"head": head}, "train": train}))
+    return path
+
+
+@pytest.mark.slow
+def test_both_stages_run_through_mmseg_train_and_resume(synthref_root, tokenizer_dir, tmp_path):
+    from mmseg.cli import main
+
+    ckpt = _himtok_checkpoint(tokenizer_dir, tmp_path / "himtok")
+    preset = _preset(tmp_path, str(ckpt))
+    out = tmp_path / "shaper"
+    args = ["train", "--config", str(preset), "--data", str(synthref_root), "--out", str(out)]
+    assert main([*args, "--max-steps", "1"]) == 0  # one step of each stage
+    progress = json.loads((out / "train_state" / "progress.json").read_text())
+    assert (progress["stage"], progress["step"], progress["stage1_steps"]) == (2, 1, 1)
+    first = Segmenter.from_pretrained(out, device="cpu").model.head
+    assert main(args) == 0  # resumes in stage 2 (a finished stage is not reopened): its second step
+    progress = json.loads((out / "train_state" / "progress.json").read_text())
+    assert (progress["stage"], progress["step"], progress["stage1_steps"]) == (2, 2, 1)
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    one = [h for h in history if h["stage"] == 1 and "loss" in h]
+    two = [h for h in history if h["stage"] == 2 and "reward" in h]
+    assert [h["step"] for h in one] == [1] and [h["step"] for h in two] == [2, 3]
+    assert all(np.isfinite(h["shaped_ce"]) and np.isfinite(h["base_ce"]) for h in one)
+    assert all(h["decisions"] > 0 for h in two)  # the answer is forced to open the mask: the policy decides
+    assert any("val_ciou_always" in h for h in history) and any("val_ciou_learned" in h for h in history)
+    assert (out / "curve.png").is_file() and (out / "mask_tokenizer" / "mask_tokenizer_config.json").is_file()
+    seg = Segmenter.from_pretrained(out, device="cpu")
+    head = seg.model.head
+    assert isinstance(head, ShaperHead) and head.options()["init_from"] == str(ckpt)
+    assert head.control.strengths.abs().sum() > 0  # stage 1 moved the shaper off zero
+    assert any(not torch.equal(a, b) for a, b in zip(head.policy.parameters(), first.policy.parameters()))
+    himtok = Segmenter.from_pretrained(ckpt, device="cpu").model
+    for name, p in himtok.lm.state_dict().items():  # the backbone stayed frozen
+        assert torch.equal(seg.model.lm.state_dict()[name], p), name
+    answer = seg(synthref_root / "images" / "synthref_val_000000.png", "Please segment the red circle.", invoke="always")
+    assert "<mt_" not in answer.text
+    # the benchmark on the trained checkpoint: HiMTok alone and every invoke mode, on val and testB
+    bench = _benchmark()
+    result = bench.main(["--model", str(out), "--data", str(synthref_root), "--limit", "2", "--precision", "fp32",
+                         "--json", str(tmp_path / "shaper.json")])
+    assert json.loads((tmp_path / "shaper.json").read_text()) == json.loads(json.dumps(result))
+    runs = result["runs"]
+    assert list(runs) == ["himtok", "shaper never", "shaper always", "shaper entropy", "shaper learned"]
+    for split in ("val", "testB"):
+        assert runs["shaper never"][split]["ciou"] == runs["himtok"][split]["ciou"]  # never is plain HiMTok
+        assert runs["shaper never"][split]["invocations_per_mask"] == 0 and runs["himtok"][split]["n"] == 2
+        assert all(0 <= runs[name][split]["giou"] <= 1 and runs[name][split]["ms_per_query"] > 0 for name in runs)
+
+
+def _benchmark():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shaper.py"
+    spec = importlib.util.spec_from_file_location("shaper_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_refuses_anything_but_a_trained_shaper(tmp_path, synthref_root, tokenizer_dir, capsys):
+    bench = _benchmark()
+    out = tmp_path / "shaper.json"
+    common = ["--data", str(synthref_root), "--json", str(out)]
+    with pytest.raises(SystemExit, match="no shaper checkpoint at .*mmseg train --config tiny-shaper"):
+        bench.main(["--model", str(tmp_path / "nowhere"), *common])
+    himtok = _himtok_checkpoint(tokenizer_dir, tmp_path / "himtok")
+    with pytest.raises(SystemExit, match="is a 'himtok' model, not a shaper"):
+        bench.main(["--model", str(himtok), *common])
+    model, proc = _model(tokenizer_dir, seed=3)
+    Segmenter(shaper_from_himtok(model, proc), proc).save_pretrained(tmp_path / "untrained")
+    with pytest.raises(SystemExit, match="has no train_summary.json"):
+        bench.main(["--model", str(tmp_path / "untrained"), *common])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["unset", "missing", "stamp", "backbone"])
+def test_training_init_errors_are_clear(case, tmp_path, tokenizer_dir, synthref_root, capsys):
+    from mmseg.cli import main
+
+    if case == "stamp":
+        model, proc = tiny_model()
+        Segmenter(model, proc).save_pretrained(tmp_path / "stamp")
+    init = {"unset": None, "missing": str(tmp_path / "nowhere"), "stamp": str(tmp_path / "stamp"),
+            "backbone": str(tmp_path / "nowhere")}[case]
+    preset = _preset(tmp_path, init)
+    if case == "backbone":
+        data = json.loads(preset.read_text())
+        data["model"]["lm"] = {"hidden_size": 64}
+        preset.write_text(json.dumps(data))
+    code = main(["train", "--config", str(preset), "--data", str(synthref_root), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ")
+    expected = {"unset": 'set "init_from"', "missing": "no HiMTok checkpoint at",
+                "stamp": "is a 'stamp' model, not a HiMTok one",
+                "backbone": "takes its backbone and tokenizer from head.init_from"}[case]
+    assert expected in err
+    if case in ("unset", "missing"):  # the message says how to get a HiMTok checkpoint
+        assert "mmseg train --config tiny-himtok" in err
+
+
+def test_the_preset_names_the_himtok_checkpoint():
+    from mmseg.config import load_preset
+    from mmseg.modeling.heads import head_config
+
+    preset = load_preset("tiny-shaper")
+    cls, config = head_config(preset.model.head)
+    assert cls is ShaperHead and config.init_from == "checkpoints/synthref-himtok" and config.invoke == "learned"
+    assert cls.trainer() is not None
+
+
+# -- wherever a head works ------------------------------------------------------------------------------------------
+def test_the_ui_and_the_predict_command_take_the_shaper(forced, tmp_path, monkeypatch):
+    from mmseg.cli import main
+    from ui.core import Heads, answer, keep_tokens_option, prepare_image
+
+    _, shaper, proc = forced
+    heads = Heads([Segmenter(shaper, proc)])
+    assert heads.names == ["shaper"] and heads.takes_tokens("shaper")
+    result = answer(heads, "shaper", prepare_image(Image.new("RGB", (90, 60), (0, 200, 0))), [], "the green one",
+                    keep_tokens_option(heads, "shaper", 8))
+    assert result.text == "<seg>" and result.info[0]["keep_tokens"] == 8 and result.masks[0].shape == (60, 90)
+    assert result.info[0]["invoke"] == "learned"
+
+    Segmenter(shaper, proc).save_pretrained(tmp_path / "ckpt")
+    original = ShaperHead.constrain
+
+    def constrain(self, session, logits):  # the reloaded, untrained model still opens one mask
+        return _opening_constrain(SimpleNamespace(constrain=lambda s, l: original(self, s, l), mt_start_id=self.mt_start_id,
+                                                  mt_end_id=self.mt_end_id), proc.eos_token_id)(session, logits)
+
+    monkeypatch.setattr(ShaperHead, "constrain", constrain)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (70, 50), (0, 200, 0)).save(image)
+    prefix = tmp_path / "out" / "p"
+    command = ["predict", "--model", str(tmp_path / "ckpt"), "--image", str(image), "--query", "the green one",
+               "--out", str(prefix)]
+    assert main([*command, "--invoke", "always"]) == 0
+    info = json.loads(Path(f"{prefix}_masks.json").read_text())["info"][0]
+    assert info["invoke"] == "always" and info["invocations"] == 4 and info["invoked_at"] == [3, 7, 11, 15]
+    assert main([*command, "--invoke", "often"]) == 2
