@@ -81,6 +81,12 @@ class ModelConfig:
     head: dict[str, Any] = field(default_factory=lambda: {"name": "stamp"})
     tokenizer: str | None = None  # a tokenizer folder/id; None = the LM's own, or a trained byte-level BPE for tiny LMs
     max_text_tokens: int = 128
+    # Normalise projected image features to the LM's token-embedding scale (see MLPProjector); for LMs and
+    # projectors trained from scratch.
+    projector_norm: bool = False
+    # Merge m x m patches into one LM prefix token (heads still get one feature per patch); 1 = LLaVA's one
+    # token per patch.
+    image_merge: int = 1
 
     @property
     def head_name(self) -> str:

@@ -118,3 +118,48 @@ def test_bf16_checkpoint_reloads_close_to_fp32(tmp_path):
     with torch.no_grad():
         a, b = model(batch)["loss"], loaded(batch)["loss"]
     assert abs(float(a) - float(b)) < 0.05 * float(a)
+
+
+def test_projector_norm_matches_the_embedding_scale_and_merger_shortens_the_prefix(tmp_path):
+    """From-scratch presets normalise image features to the token-embedding scale and merge 2x2 patches into
+    one prefix token; heads still get one feature per patch, and the checkpoint reloads identically."""
+    import torch
+
+    from mmseg.modeling.builder import load_pretrained
+    from mmseg.predictor import Segmenter
+    from tiny import force_answer, tiny_model
+
+    model, processor = tiny_model(model_options={"projector_norm": True, "image_merge": 2})
+    plain, plain_processor = tiny_model()
+    assert processor.num_patches == plain_processor.num_patches // 4
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.image_features(pixels)
+        embed_rms = model.lm.get_input_embeddings().weight.pow(2).mean().sqrt()
+    assert features.shape[1] == plain_processor.num_patches  # heads: one feature per patch
+    assert torch.allclose(features.pow(2).mean(-1).sqrt(), embed_rms.expand(2, features.shape[1]), rtol=1e-3)
+    ids, _ = processor.encode_chat([{"role": "user", "content": "the red circle"}], "Sure, <seg>.")
+    assert ids.count(processor.image_token_id) == processor.num_patches
+
+    image = (torch.rand(64, 80, 3) * 255).byte().numpy()
+    segmenter = Segmenter(model, processor)
+    answer_ids = processor.tokenizer("Sure, <seg>.")["input_ids"] + [processor.tokenizer.eos_token_id]
+    model.head.constrain = force_answer(answer_ids)
+    before = segmenter(image, "the red circle")
+    model.head.constrain = type(model.head).constrain.__get__(model.head)
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    reloaded, reprocessor = load_pretrained(tmp_path / "ckpt")
+    reloaded.head.constrain = force_answer(answer_ids)
+    after = Segmenter(reloaded, reprocessor)(image, "the red circle")
+    assert before.masks and len(before.masks) == len(after.masks)
+    assert (before.masks[0] == after.masks[0]).all()
+
+
+def test_merge_that_does_not_divide_the_grid_is_a_clear_error():
+    import pytest
+
+    from tiny import tiny_model
+
+    with pytest.raises(ValueError, match="image_merge=3 must divide the patch grid"):
+        tiny_model(model_options={"image_merge": 3})

@@ -12,23 +12,25 @@ CORPUS = [
 ] * 20
 
 
-def tiny_config(head: str = "stamp", **head_options) -> ModelConfig:
+def tiny_config(head: str = "stamp", model_options: dict | None = None, **head_options) -> ModelConfig:
+    """``model_options``: extra ModelConfig fields (e.g. ``projector_norm``, ``image_merge``)."""
     if head == "stamp":
         head_options = {"seg_kernel": True, "query_positions": True, "kernel_dim": 16, **head_options}
     return ModelConfig(
         vision=VisionConfig(kind="open_clip", image_size=64, patch_size=16, width=32, layers=1, heads=2),
         lm=LMConfig(hidden_size=32, layers=2, heads=2, kv_heads=2, intermediate_size=64, max_position_embeddings=512),
         head={"name": head, **head_options},
+        **(model_options or {}),
     )
 
 
-def tiny_model(head: str = "stamp", seed: int = 0, **head_options):
+def tiny_model(head: str = "stamp", seed: int = 0, model_options: dict | None = None, **head_options):
     import torch
 
     from mmseg.modeling.builder import build_model, build_tokenizer
 
     torch.manual_seed(seed)
-    config = tiny_config(head, **head_options)
+    config = tiny_config(head, model_options, **head_options)
     tokenizer = build_tokenizer(config, CORPUS, vocab_size=300)
     model, processor = build_model(config, tokenizer)
     return model.eval(), processor

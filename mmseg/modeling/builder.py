@@ -12,7 +12,7 @@ from torch import nn
 from mmseg.config import LMConfig, ModelConfig
 from mmseg.modeling.heads import build_head, head_config
 from mmseg.modeling.model import CONFIG_FILE, WEIGHTS_FILE, MMSegModel
-from mmseg.modeling.projector import MLPProjector
+from mmseg.modeling.projector import MLPProjector, PatchMerger
 from mmseg.modeling.vision import build_vision_tower
 from mmseg.processing import PROCESSOR_FILE, Processor, ensure_special_tokens, train_bpe_tokenizer
 
@@ -76,11 +76,16 @@ def build_model(config: ModelConfig, tokenizer, load_weights: bool = True, asset
         # as "average" tokens rather than random outliers.
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=load_weights and config.lm.name is not None)
     hidden = lm.config.get_text_config().hidden_size
-    processor = Processor(tokenizer, vision.image_size, vision.num_patches, config.vision.mean, config.vision.std)
+    merger = PatchMerger(hidden, vision.grid_size, config.image_merge) if config.image_merge > 1 else None
+    prefix_tokens = merger.num_tokens if merger is not None else vision.num_patches
+    processor = Processor(tokenizer, vision.image_size, prefix_tokens, config.vision.mean, config.vision.std)
     head = build_head(config.head, hidden_size=hidden, image_size=vision.image_size, grid_size=vision.grid_size,
                       asset_dir=asset_dir)
-    projector = MLPProjector(vision.hidden_size, hidden)
-    model = MMSegModel(config, vision, projector, lm, head, processor.image_token_id)
+    scale = None
+    if config.projector_norm:  # the RMS of the LM's token embeddings, which image features should match
+        scale = float(lm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
+    projector = MLPProjector(vision.hidden_size, hidden, out_scale=scale)
+    model = MMSegModel(config, vision, projector, lm, head, processor.image_token_id, merger=merger)
     head.bind(processor, lm)
     return model, processor
 

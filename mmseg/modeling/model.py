@@ -12,7 +12,7 @@ from torch import nn
 
 from mmseg.config import ModelConfig
 from mmseg.modeling.heads.base import MaskHead
-from mmseg.modeling.projector import MLPProjector
+from mmseg.modeling.projector import MLPProjector, PatchMerger
 from mmseg.modeling.vision import VisionTower
 
 CONFIG_FILE = "config.json"
@@ -37,7 +37,7 @@ class MMSegModel(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, vision: VisionTower, projector: MLPProjector, lm: nn.Module,
-                 head: MaskHead, image_token_id: int) -> None:
+                 head: MaskHead, image_token_id: int, merger: PatchMerger | None = None) -> None:
         super().__init__()
         self.config = config
         self.vision = vision
@@ -45,6 +45,7 @@ class MMSegModel(nn.Module):
         self.lm = lm
         self.head = head
         self.image_token_id = image_token_id
+        self.merger = merger  # optional: fewer image positions in the LM prefix than patches
 
     @property
     def decoder(self) -> nn.Module:
@@ -56,28 +57,34 @@ class MMSegModel(nn.Module):
         return next(self.parameters()).device
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, S, S) -> (B, P, D)`` projected patch features."""
+        """``(B, 3, S, S) -> (B, P, D)`` projected patch features (one per patch; what heads receive)."""
         return self.projector(self.vision(pixel_values))
+
+    def prefix_features(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, P, D)`` patch features -> ``(B, P', D)`` the features placed in the LM prefix (``P' = P`` unless
+        the config merges patches)."""
+        return features if self.merger is None else self.merger(features)
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                      features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings with image features scattered into the ``<image>`` placeholders.
 
         Pass ``pixel_values (B, 3, S, S)`` or precomputed ``features (B, P, D)``.
-        Returns ``(inputs_embeds (B, T, D), image_features (B, P, D))``.
+        Returns ``(inputs_embeds (B, T, D), image_features (B, P, D))`` (the per-patch features, not merged).
         """
         embeds = self.lm.get_input_embeddings()(input_ids)
         if features is None:
             features = self.image_features(pixel_values)
         features = features.to(embeds.dtype)
+        prefix = self.prefix_features(features)
         placeholders = input_ids == self.image_token_id  # (B, T)
         counts = placeholders.sum(1)
-        if bool((counts != features.shape[1]).any()):
+        if bool((counts != prefix.shape[1]).any()):
             raise ValueError(
-                f"image placeholder count {counts.tolist()} does not match the {features.shape[1]} image patches per "
-                "row; the processor must expand <image> to one placeholder per patch"
+                f"image placeholder count {counts.tolist()} does not match the {prefix.shape[1]} image tokens per "
+                "row; the processor must expand <image> to one placeholder per image token"
             )
-        embeds = embeds.masked_scatter(placeholders[..., None].expand_as(embeds), features)
+        embeds = embeds.masked_scatter(placeholders[..., None].expand_as(embeds), prefix)
         return embeds, features
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
