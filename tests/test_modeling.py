@@ -163,3 +163,20 @@ def test_merge_that_does_not_divide_the_grid_is_a_clear_error():
 
     with pytest.raises(ValueError, match="image_merge=3 must divide the patch grid"):
         tiny_model(model_options={"image_merge": 3})
+
+
+def test_merged_prefix_trains_under_bf16_autocast():
+    from tiny import tiny_model
+
+    model, processor = tiny_model(model_options={"projector_norm": True, "image_merge": 2})
+    model.train()
+    ids, labels = processor.encode_chat([{"role": "user", "content": "the red circle"}], "Sure, <seg>.")
+    batch = {
+        "input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "labels": torch.tensor([labels]), "pixel_values": torch.randn(1, 3, 64, 64),
+        "mask_targets": torch.zeros(1, 64, 64), "seg_positions": torch.tensor([ids.index(processor.seg_token_id)]),
+    }
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and model.merger.proj.weight.grad is not None

@@ -76,7 +76,7 @@ class MMSegModel(nn.Module):
         if features is None:
             features = self.image_features(pixel_values)
         features = features.to(embeds.dtype)
-        prefix = self.prefix_features(features)
+        prefix = self.prefix_features(features).to(embeds.dtype)  # autocast may run the merger in bf16
         placeholders = input_ids == self.image_token_id  # (B, T)
         counts = placeholders.sum(1)
         if bool((counts != prefix.shape[1]).any()):
