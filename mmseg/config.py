@@ -87,6 +87,10 @@ class ModelConfig:
     # Merge m x m patches into one LM prefix token (heads still get one feature per patch); 1 = LLaVA's one
     # token per patch.
     image_merge: int = 1
+    # Where the image goes in the first user turn: "before" the text (LLaVA) or "after" it. With "after", the
+    # text's own hidden states never attend to the image (causal order), so an LM trained from scratch learns
+    # to read the expression much sooner, and the image positions see the request they serve.
+    image_position: str = "before"
 
     @property
     def head_name(self) -> str:

@@ -124,10 +124,17 @@ def ensure_special_tokens(tokenizer, extra_special: Sequence[str] = ()) -> int:
     return added
 
 
+IMAGE_POSITIONS = ("before", "after")
+
+
 class Processor:
     """Images and chat turns -> model inputs. Knows the number of patches so ``<image>`` expands correctly."""
 
-    def __init__(self, tokenizer, image_size: int, num_patches: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, tokenizer, image_size: int, num_patches: int, mean: Sequence[float], std: Sequence[float],
+                 image_position: str = "before") -> None:
+        if image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"image_position must be one of {IMAGE_POSITIONS}, got {image_position!r}")
+        self.image_position = image_position
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.num_patches = num_patches
@@ -171,8 +178,11 @@ class Processor:
             if role not in ("user", "assistant") or not isinstance(content, str):
                 raise ValueError(f"message {i}: expected role 'user' or 'assistant' and text content, got {message!r}")
             if role == "user":
-                body = ([self.image_token_id] * self.num_patches + self.encode_model_text("\n") if i == 0 else [])
-                body += self.encode_user_text(content)
+                body = self.encode_user_text(content)
+                if i == 0:
+                    image = [self.image_token_id] * self.num_patches
+                    newline = self.encode_model_text("\n")
+                    body = image + newline + body if self.image_position == "before" else body + newline + image
             else:
                 body = self.encode_model_text(content)
             ids += self._turn(role, body)
@@ -198,7 +208,8 @@ class Processor:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(folder)
-        config = {"image_size": self.image_size, "num_patches": self.num_patches, "mean": self.mean, "std": self.std}
+        config = {"image_size": self.image_size, "num_patches": self.num_patches, "mean": self.mean, "std": self.std,
+                  "image_position": self.image_position}
         (folder / PROCESSOR_FILE).write_text(json.dumps(config, indent=2))
 
     @classmethod
@@ -208,4 +219,5 @@ class Processor:
         folder = Path(folder)
         config = json.loads((folder / PROCESSOR_FILE).read_text())
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        return cls(tokenizer, config["image_size"], config["num_patches"], config["mean"], config["std"])
+        return cls(tokenizer, config["image_size"], config["num_patches"], config["mean"], config["std"],
+                   config.get("image_position", "before"))

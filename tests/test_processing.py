@@ -47,3 +47,23 @@ def test_letterbox_keeps_aspect_and_maps_masks():
     mask[:, 100:] = True
     placed = transform.mask_to_input(mask, box)
     assert placed[:16].sum() == 0 and placed[16:48, 33:].min() == 1 and placed[16:48, :31].max() == 0
+
+
+def test_image_after_the_text_and_it_survives_save_load(tmp_path):
+    import pytest
+
+    from mmseg.processing import Processor
+
+    _, processor = tiny_model(model_options={"image_position": "after"})
+    ids, _ = processor.encode_chat([{"role": "user", "content": "the red circle"},
+                                    {"role": "assistant", "content": "Sure, <seg>."},
+                                    {"role": "user", "content": "and the star"}])
+    text = processor.encode_user_text("the red circle")
+    image = [i for i, t in enumerate(ids) if t == processor.image_token_id]
+    assert len(image) == processor.num_patches and image == list(range(image[0], image[0] + len(image)))
+    first_text = next(i for i in range(len(ids)) if ids[i : i + len(text)] == text)
+    assert first_text < image[0] < ids.index(processor.eos_token_id)  # after the text, inside the first turn
+    processor.save_pretrained(tmp_path)
+    assert Processor.from_pretrained(tmp_path).image_position == "after"
+    with pytest.raises(ValueError, match="image_position must be one of"):
+        Processor(processor.tokenizer, 64, 16, (0.5,) * 3, (0.5,) * 3, image_position="middle")

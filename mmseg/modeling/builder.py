@@ -78,7 +78,8 @@ def build_model(config: ModelConfig, tokenizer, load_weights: bool = True, asset
     hidden = lm.config.get_text_config().hidden_size
     merger = PatchMerger(hidden, vision.grid_size, config.image_merge) if config.image_merge > 1 else None
     prefix_tokens = merger.num_tokens if merger is not None else vision.num_patches
-    processor = Processor(tokenizer, vision.image_size, prefix_tokens, config.vision.mean, config.vision.std)
+    processor = Processor(tokenizer, vision.image_size, prefix_tokens, config.vision.mean, config.vision.std,
+                          config.image_position)
     head = build_head(config.head, hidden_size=hidden, image_size=vision.image_size, grid_size=vision.grid_size,
                       asset_dir=asset_dir)
     scale = None

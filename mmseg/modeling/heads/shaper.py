@@ -342,7 +342,7 @@ def shaper_from_himtok(model: "MMSegModel", processor: Any, options: dict[str, A
                       asset_dir=asset_dir)
     head.bind(processor, model.lm)
     config = dataclasses.replace(model.config, head=merged)
-    shaper = MMSegModel(config, model.vision, model.projector, model.lm, head, model.image_token_id)
+    shaper = MMSegModel(config, model.vision, model.projector, model.lm, head, model.image_token_id, merger=model.merger)
     return shaper.to(model.device)
 
 
