@@ -133,6 +133,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     vocab_size: int = 1024  # byte-level BPE size when a tokenizer is trained for a tiny LM
+    # Target answers name the referred object before <seg> ("Sure, the red circle on the left <seg>.").
+    describe_targets: bool = True
     # Curriculum: [[progress_from, [expression types]], ...]; from each progress fraction (of steps or wall
     # time, whichever is further) only those referring types are drawn; null types = all. Empty = no curriculum.
     curriculum: tuple = ()

@@ -19,7 +19,7 @@ import torch
 
 from mmseg.config import Preset
 from mmseg.data.collate import Collator, ExamplePool
-from mmseg.data.prompts import NO_TARGET_ANSWER, SEGMENT_TEMPLATES, TARGET_ANSWER
+from mmseg.data.prompts import NO_TARGET_ANSWER, REGION_PHRASES, SEGMENT_TEMPLATES, TARGET_ANSWER
 from mmseg.data.refer import ReferDataset, read_qa
 from mmseg.modeling.builder import build_model, build_tokenizer, is_checkpoint, load_pretrained
 from mmseg.perf import count_flops, matmul_peak_gflops
@@ -35,6 +35,7 @@ def text_corpus(refer: ReferDataset, qa: list[dict]):
         yield template.replace("{expression}", "")
     yield TARGET_ANSWER
     yield NO_TARGET_ANSWER
+    yield from REGION_PHRASES  # described answers ("Sure, the red circle on the left <seg>.")
     for ref in refer.refs:
         for sentence in ref["sentences"]:
             yield sentence["sent"]
@@ -134,7 +135,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
         tokenizer = build_tokenizer(preset.model, text_corpus(train_set, train_qa), cfg.vocab_size)
         model, processor = build_model(preset.model, tokenizer)
     collate = Collator(processor, model.head)
-    pool = ExamplePool(train_set, train_qa, image_root)
+    pool = ExamplePool(train_set, train_qa, image_root, describe_targets=preset.train.describe_targets)
 
     # Frozen parameters (e.g. a head's frozen parts) stay out of the optimizer, so weight decay never moves them.
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

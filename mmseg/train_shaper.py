@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmseg.config import LMConfig, Preset, VisionConfig
-from mmseg.data.prompts import SEGMENT_TEMPLATES, TARGET_ANSWER
+from mmseg.data.prompts import SEGMENT_TEMPLATES, segment_answer, target_description
 from mmseg.modeling.heads.shaper import ShaperConfig, ShaperHead, shaper_from_himtok
 from mmseg.modeling.model import CONFIG_FILE, MMSegModel, causal_text_attention
 from mmseg.modeling.shaper.invoker import group_advantages, reinforce_loss
@@ -193,9 +193,10 @@ def mask_iou(answer: Any, target) -> float:
     return inter / union if union else 1.0
 
 
-def answer_prefix(processor: Any, head: ShaperHead) -> list[int]:
-    """The target answer's ids up to its mask point, ending with ``<mt_start>`` (e.g. ``Sure, <mt_start>``)."""
-    ids = processor.encode_model_text(TARGET_ANSWER)
+def answer_prefix(processor: Any, head: ShaperHead, description: str | None = None) -> list[int]:
+    """The target answer's ids up to its mask point, ending with ``<mt_start>`` (e.g. ``Sure, the red circle on
+    the left <mt_start>`` with a description, as the backbone was trained to answer, else ``Sure, <mt_start>``)."""
+    ids = processor.encode_model_text(segment_answer(True, description))
     return ids[: ids.index(processor.seg_token_id)] + [head.mt_start_id]
 
 
@@ -210,7 +211,8 @@ def rollouts(model: MMSegModel, processor: Any, samples: Sequence[Any], prompts:
     from mmseg.predictor import Answer, logits_to_original
 
     head: ShaperHead = model.head
-    prefix = answer_prefix(processor, head)
+    # The ground-truth description is forced (stage 2 trains mask-token decoding, not the text before it).
+    prefixes = [answer_prefix(processor, head, target_description(sample)) for sample in samples]
     pixels, boxes, ids = [], [], []
     for sample, prompt in zip(samples, prompts):
         px, box = processor.preprocess_image(load_image(sample.image_path))
@@ -221,8 +223,8 @@ def rollouts(model: MMSegModel, processor: Any, samples: Sequence[Any], prompts:
 
     def run(rows: list[int], options: dict) -> list[Any]:
         gen = generate(model, [ids[r] for r in rows], pixels_t[rows], eos_token_id=processor.eos_token_id,
-                       pad_token_id=processor.pad_token_id, max_new_tokens=len(prefix) + 4, options=options,
-                       answer_prefix=[prefix] * len(rows))
+                       pad_token_id=processor.pad_token_id, max_new_tokens=max(len(p) for p in prefixes) + 4,
+                       options=options, answer_prefix=[prefixes[r] for r in rows])
         answers = []
         for row, r in enumerate(rows):
             masks = [(logits_to_original(m.logits, boxes[r], processor.image_size) > 0).cpu().numpy()
@@ -379,7 +381,7 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
 
     train_set = ReferDataset(data_dir, "synthref", "unc", "train")
     val_set = ReferDataset(data_dir, "synthref", "unc", "val")
-    pool = ExamplePool(train_set, [], train_set.image_root)
+    pool = ExamplePool(train_set, [], train_set.image_root, describe_targets=preset.train.describe_targets)
     target_types = [t for t in pool.by_type if t != "no_target"]
     target_indices = [i for t in target_types for i in pool.by_type[t]]
     if not target_indices:

@@ -1,5 +1,6 @@
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,3 +38,54 @@ def test_collated_batch_matches_the_model_contract(pool):
         assert (batch["input_ids"][i] == proc.image_token_id).sum() == proc.num_patches
     with torch.no_grad():
         assert torch.isfinite(model(batch)["loss"])
+
+
+def test_region_phrase_reads_thirds_of_the_image():
+    from mmseg.data.prompts import region_phrase
+
+    mask = np.zeros((90, 120), dtype=bool)
+    assert region_phrase(mask) is None
+    mask[5:15, 5:15] = True
+    assert region_phrase(mask) == "at the top left"
+    mask[:] = False
+    mask[40:50, 50:70] = True
+    assert region_phrase(mask) == "in the center"
+    mask[:] = False
+    mask[80:, 100:] = True  # the last row/column stays in range
+    assert region_phrase(mask) == "at the bottom right"
+
+
+def test_answers_name_the_target_and_its_colour(pool):
+    """SynthRef answers say which object they mean before <seg>: its colour (from the annotation's attributes),
+    its kind (the category) and where it is; no-target answers refuse; the option turns descriptions off."""
+    from mmseg.data.prompts import NO_TARGET_ANSWER, TARGET_ANSWER, region_phrase
+
+    rng = random.Random(0)
+    seen_target = seen_none = False
+    for index in range(0, len(pool.refer), max(1, len(pool.refer) // 40)):
+        sample = pool.refer[index]
+        answer = pool.segmentation(index, rng).answer
+        if not sample.has_target:
+            assert answer == NO_TARGET_ANSWER
+            seen_none = True
+            continue
+        color = sample.attributes["color"]
+        assert answer == f"Sure, the {color} {sample.category} {region_phrase(sample.mask)} <seg>."
+        seen_target = True
+    assert seen_target and seen_none
+    plain = ExamplePool(pool.refer, [], pool.image_root, describe_targets=False)
+    index = next(i for i in range(len(pool.refer)) if pool.refer[i].has_target)
+    assert plain.segmentation(index, rng).answer == TARGET_ANSWER
+
+
+def test_description_without_colour_uses_the_category_alone():
+    """Real refCOCO annotations carry no colour: the answer names the category ("the person on the right")."""
+    from types import SimpleNamespace
+
+    from mmseg.data.prompts import target_description
+
+    mask = np.zeros((30, 30), dtype=bool)
+    mask[10:20, 22:29] = True
+    sample = SimpleNamespace(has_target=True, category="person", attributes=None, mask=mask)
+    assert target_description(sample) == "the person on the right"
+    assert target_description(SimpleNamespace(has_target=False, category=None, attributes=None, mask=mask)) is None

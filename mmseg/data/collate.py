@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mmseg.data.prompts import segment_answer, segment_prompt
+from mmseg.data.prompts import segment_answer, segment_prompt, target_description
 from mmseg.imageio import load_image
 from mmseg.modeling.heads.base import MaskHead
 from mmseg.processing import Processor
@@ -30,8 +30,9 @@ class Example:
 class ExamplePool:
     """Referring-segmentation samples and QA pairs of one split, drawn by index with a caller's RNG."""
 
-    def __init__(self, refer, qa: Sequence[dict], image_root: Path) -> None:
+    def __init__(self, refer, qa: Sequence[dict], image_root: Path, describe_targets: bool = True) -> None:
         self.refer = refer
+        self.describe_targets = describe_targets
         self.qa = list(qa)
         self.image_root = Path(image_root)
         # Sample indices per expression type (from the refs file; no mask decoding) for curricula.
@@ -43,7 +44,9 @@ class ExamplePool:
     def segmentation(self, index: int, rng: random.Random) -> Example:
         sample = self.refer[index]
         mask = sample.mask if sample.has_target else None
-        return Example(sample.image_path, segment_prompt(sample.sentence, rng), segment_answer(sample.has_target), mask)
+        description = target_description(sample) if self.describe_targets else None
+        answer = segment_answer(sample.has_target, description)
+        return Example(sample.image_path, segment_prompt(sample.sentence, rng), answer, mask)
 
     def question(self, index: int) -> Example:
         item = self.qa[index]

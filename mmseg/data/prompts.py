@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+from typing import Any
+
+import numpy as np
 
 # Training draws one of these per sample so that free-form user phrasing still reaches the segmentation skill.
 SEGMENT_TEMPLATES = (
@@ -16,7 +19,17 @@ SEGMENT_TEMPLATES = (
 # The evaluator's fixed prompt (printed with every result; overridable there).
 EVAL_TEMPLATE = "Please segment {expression}."
 TARGET_ANSWER = "Sure, <seg>."
+DESCRIBED_TARGET_ANSWER = "Sure, {description} <seg>."
 NO_TARGET_ANSWER = "There is no such object in the image."
+
+# Where an object's centre lies, in thirds of the image: (row, column) -> phrase.
+_REGION_PHRASES = {
+    ("top", "left"): "at the top left", ("top", "middle"): "at the top", ("top", "right"): "at the top right",
+    ("middle", "left"): "on the left", ("middle", "middle"): "in the center", ("middle", "right"): "on the right",
+    ("bottom", "left"): "at the bottom left", ("bottom", "middle"): "at the bottom",
+    ("bottom", "right"): "at the bottom right",
+}
+REGION_PHRASES = tuple(_REGION_PHRASES.values())
 
 
 def segment_prompt(expression: str, rng: random.Random | None = None) -> str:
@@ -24,5 +37,41 @@ def segment_prompt(expression: str, rng: random.Random | None = None) -> str:
     return template.format(expression=expression)
 
 
-def segment_answer(has_target: bool) -> str:
-    return TARGET_ANSWER if has_target else NO_TARGET_ANSWER
+def region_phrase(mask: np.ndarray) -> str | None:
+    """Where the centre of a bool ``(H, W)`` mask lies, in thirds of the image ("at the top left", "in the
+    center", ...); None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    h, w = mask.shape
+    names = ("top", "middle", "bottom"), ("left", "middle", "right")
+    row = names[0][min(2, int(3 * ys.mean() / h))]
+    col = names[1][min(2, int(3 * xs.mean() / w))]
+    return _REGION_PHRASES[(row, col)]
+
+
+def target_description(sample: Any) -> str | None:
+    """A noun phrase naming a referring sample's target by what it looks like and where it is, e.g. "the red
+    circle at the top left" (SynthRef, whose annotations carry a colour) or "the person on the right" (refCOCO's
+    category). None for no-target or multi-object samples.
+
+    Answers that say which object they mean before ``<seg>`` turn the hard part of grounding (which object a
+    relational expression picks out) into next-token prediction with a dense, direct loss, and leave the mask
+    step to find an object of a named colour and kind in a named region. It is also what a user wants to read.
+    """
+    if not sample.has_target or sample.category is None:
+        return None
+    region = region_phrase(sample.mask)
+    if region is None:
+        return None
+    color = (sample.attributes or {}).get("color")
+    noun = f"{color} {sample.category}" if color else str(sample.category)
+    return f"the {noun} {region}"
+
+
+def segment_answer(has_target: bool, description: str | None = None) -> str:
+    """The answer to a segmentation prompt: refuse when there is no target, else ``<seg>`` (after a description
+    of the target when one is given)."""
+    if not has_target:
+        return NO_TARGET_ANSWER
+    return DESCRIBED_TARGET_ANSWER.format(description=description) if description else TARGET_ANSWER

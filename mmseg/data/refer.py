@@ -112,6 +112,7 @@ class ReferSample:
     has_target: bool
     expr_type: str | None
     category: str | None
+    attributes: dict[str, Any] | None = None  # SynthRef's per-object extras (e.g. colour); None elsewhere
 
 
 def _ann_ids(ref: dict[str, Any]) -> list[int]:
@@ -276,6 +277,7 @@ class ReferDataset:
             has_target=bool(ann_ids),
             expr_type=ref.get("expr_type"),
             category=self.categories.get(int(cat_id)) if cat_id is not None else None,
+            attributes=self.annotations[ann_ids[0]].get("attributes") if len(ann_ids) == 1 else None,
         )
 
 
