@@ -91,6 +91,10 @@ class ModelConfig:
     # text's own hidden states never attend to the image (causal order), so an LM trained from scratch learns
     # to read the expression much sooner, and the image positions see the request they serve.
     image_position: str = "before"
+    # Dense attribute supervision of the patch features (see mmseg.modeling.patch_probe): family -> class names,
+    # e.g. {"kind": ["circle", ...], "color": ["red", ...]}; "kind" reads the annotation's category, any other
+    # family the annotation's ``attributes[family]``. Empty = off.
+    patch_labels: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def head_name(self) -> str:
@@ -135,6 +139,7 @@ class TrainConfig:
     vocab_size: int = 1024  # byte-level BPE size when a tokenizer is trained for a tiny LM
     # Target answers name the referred object before <seg> ("Sure, the red circle on the left <seg>.").
     describe_targets: bool = True
+    patch_label_weight: float = 0.5  # weight of the patch-probe loss when the model has one
     # Curriculum: [[progress_from, [expression types]], ...]; from each progress fraction (of steps or wall
     # time, whichever is further) only those referring types are drawn; null types = all. Empty = no curriculum.
     curriculum: tuple = ()

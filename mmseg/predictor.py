@@ -76,6 +76,11 @@ class Segmenter:
     def head_name(self) -> str:
         return self.model.head.name
 
+    @property
+    def head_options(self) -> tuple[str, ...]:
+        """Per-call options this model's head accepts (e.g. ``("keep_tokens",)`` for HiMTok)."""
+        return tuple(self.model.head.option_names)
+
     # -- queries ----------------------------------------------------------------------------------------
     def __call__(self, image: ImageLike, query: str, **options: Any) -> Answer:
         """Answer one query about one image. ``options`` go to the head (e.g. ``keep_tokens=8`` for HiMTok)."""
@@ -114,6 +119,7 @@ class Segmenter:
             masks, mask_logits, infos = [], [], []
             for pred in gen.masks[row]:
                 full = logits_to_original(pred.logits, box, self.processor.image_size)
+                full = full.float().cpu()  # the model may run on a GPU, in half precision
                 mask_logits.append(full.numpy())
                 masks.append((full > self.threshold).numpy())
                 infos.append(pred.info)

@@ -134,8 +134,10 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     else:
         tokenizer = build_tokenizer(preset.model, text_corpus(train_set, train_qa), cfg.vocab_size)
         model, processor = build_model(preset.model, tokenizer)
-    collate = Collator(processor, model.head)
-    pool = ExamplePool(train_set, train_qa, image_root, describe_targets=preset.train.describe_targets)
+    collate = Collator(processor, model.head, patch_labels=model.config.patch_labels)
+    pool = ExamplePool(train_set, train_qa, image_root, describe_targets=cfg.describe_targets,
+                       with_objects=model.probe is not None)
+    model.probe_weight = cfg.patch_label_weight
 
     # Frozen parameters (e.g. a head's frozen parts) stay out of the optimizer, so weight decay never moves them.
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

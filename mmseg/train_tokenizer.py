@@ -90,11 +90,13 @@ def tokenizer_loss(model: MaskTokenizer, masks: torch.Tensor, keep: torch.Tensor
     weights = boundary_weights(target)
     bce = F.binary_cross_entropy_with_logits(out["logits"], target, weight=weights)
     dice = dice_loss(out["logits"], target)
-    return {"bce": bce, "dice": dice, "vq": out["vq_loss"], "loss": bce + dice + out["vq_loss"], "latents": out["latents"]}
+    return {"bce": bce, "dice": dice, "vq": out["vq_loss"], "loss": bce + dice + out["vq_loss"],
+            "latents": out["latents"], "logits": out["logits"], "ids": out["ids"]}
 
 
 def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: MaskTokenizerConfig | None = None,
                     steps: int = 20000, batch_size: int = 64, lr: float = 1e-3, max_minutes: float | None = None,
+                    warmup_steps: int = 50, revive_every: int = 25,
                     seed: int = 0, progress: bool = True, log_every: int = 50, save_every: int = 500) -> dict:
     """Train (or resume) a mask tokenizer on the masks of ``data_dirs`` (folders holding ``*/instances.json``
     or ``instances.json`` files directly). Returns a summary with the final losses."""
@@ -122,6 +124,7 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
         history = json.loads((out_dir / "tokenizer_history.json").read_text())
     start = time.perf_counter()
     k = model.config.num_tokens
+    codes_in_use = model.config.codebook_size
     bar = tqdm(total=steps, initial=step, desc="train-tokenizer", disable=not progress)
 
     def save() -> None:
@@ -137,10 +140,14 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
         # Nested dropout: half the rows keep every token, the rest a uniform prefix length.
         keep = torch.where(torch.from_numpy(rng.random(batch_size) < 0.5), torch.full((batch_size,), k),
                            torch.from_numpy(rng.integers(1, k + 1, batch_size)))
+        # With a time budget the cosine runs over the budget, so a timed run still ends at a low learning rate.
         progress_fraction = step / steps
+        if max_minutes is not None:
+            spent = (elapsed_before + time.perf_counter() - start) / (max_minutes * 60)
+            progress_fraction = min(1.0, max(progress_fraction, spent))
         for group in optimizer.param_groups:
             # a plain float: the optimizer state is saved and reloaded with torch.load(weights_only=True)
-            group["lr"] = float(lr * min(1.0, (step + 1) / 200) * (0.1 + 0.45 * (1 + np.cos(np.pi * progress_fraction))))
+            group["lr"] = float(lr * min(1.0, (step + 1) / warmup_steps) * (0.1 + 0.45 * (1 + np.cos(np.pi * progress_fraction))))
         losses = tokenizer_loss(model, masks, keep)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -148,11 +155,13 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
         optimizer.step()
         step += 1
         bar.update(1)
-        if step % 100 == 0:
-            model.quantizer.revive_dead_codes(F.normalize(losses["latents"].detach().flatten(0, 1), dim=-1))
+        if step % revive_every == 0:
+            # Codes unused over the last window are re-seeded from this batch's latents.
+            codes_in_use = model.config.codebook_size - model.quantizer.revive_dead_codes(
+                F.normalize(losses["latents"].detach().flatten(0, 1), dim=-1))
         if step % log_every == 0:
             record = {"step": step, **{n: round(float(losses[n]), 4) for n in ("loss", "bce", "dice", "vq")},
-                      "codes_in_use": int((model.quantizer.usage > 1e-3).sum())}
+                      "codes_in_use": codes_in_use}
             history.append(record)
             bar.set_postfix(loss=record["loss"], dice=record["dice"], codes=record["codes_in_use"])
         out_of_time = max_minutes is not None and elapsed_before + time.perf_counter() - start > max_minutes * 60

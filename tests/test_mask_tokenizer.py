@@ -73,10 +73,20 @@ def test_save_load_identity_and_codebook_mismatch(tmp_path):
 
 
 def test_dead_codes_are_revived():
-    tok = MaskTokenizer(TINY)
-    tok.quantizer.usage[:10] = 0.0
-    assert tok.quantizer.revive_dead_codes(torch.randn(5, 8)) == 10
-    assert bool((tok.quantizer.usage[:10] == 1).all())
+    """Codes unused since the last revival are re-seeded from recent latents; the usage window restarts."""
+    torch.manual_seed(0)
+    tok = MaskTokenizer(TINY).train()
+    recent = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    tok.quantizer(recent[None])  # counts the 5 latents' codes
+    used = int((tok.quantizer.usage > 0).sum())
+    before = tok.quantizer.normalized_codebook().clone()
+    assert tok.quantizer.revive_dead_codes(recent) == 64 - used
+    assert bool((tok.quantizer.usage == 0).all())
+    after = tok.quantizer.normalized_codebook()
+    changed = ~torch.isclose(before, after).all(-1)
+    assert int(changed.sum()) == 64 - used
+    # every revived code sits next to one of the recent latents
+    assert bool(((after[changed] @ recent.t()).max(-1).values > 0.99).all())
 
 
 def test_procedural_shapes_are_varied_and_non_empty():

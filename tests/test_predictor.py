@@ -48,6 +48,10 @@ def test_bad_inputs_are_clear_errors(segmenter, tmp_path):
         segmenter.chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], Image.new("RGB", (8, 8)))
     with pytest.raises(ValueError, match="role"):
         segmenter.chat([{"role": "system", "content": "a"}], Image.new("RGB", (8, 8)))
+    # STAMP takes no per-call options: a HiMTok option is refused by name, not silently ignored
+    assert segmenter.head_options == ()
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['keep_tokens'\] for the stamp head; valid: none"):
+        segmenter(Image.new("RGB", (8, 8)), "the circle", keep_tokens=8)
 
 
 def test_long_message_is_truncated_with_a_note(segmenter):

@@ -136,7 +136,7 @@ def test_rendering(seg):
 class _CoarseToFine:
     """A stand-in for a HiMTok-style Segmenter: records the options it gets, answers one mask."""
 
-    head_name, threshold = "himtok", 0.0
+    head_name, head_options, threshold = "himtok", ("keep_tokens",), 0.0
 
     def __init__(self):
         self.calls = []

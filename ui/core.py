@@ -31,7 +31,6 @@ from mmseg.masks import encode_rle
 WORK_SIDE = 2048  # longest side the model is handed; larger uploads are downscaled (with a note)
 MAX_CHARS = 2000  # longest user message; longer ones are cut (with a note)
 MAX_PNG_PIXELS = 40_000_000  # above this a mask PNG is written at the working size instead
-TOKEN_HEADS = ("himtok", "shaper")  # heads that take keep_tokens (coarse-to-fine mask tokens)
 MAX_KEEP_TOKENS = 32
 HEAD_ORDER = ("stamp", "himtok", "shaper")  # the first loaded head is the default
 
@@ -78,7 +77,7 @@ class Heads:
             _, seg = self.get(name)
         except UserError:
             return False
-        return str(seg.head_name).lower() in TOKEN_HEADS
+        return "keep_tokens" in getattr(seg, "head_options", ())
 
     def default_probability(self, name: str | None = None) -> float:
         """The head's own mask threshold as a probability (``Segmenter.threshold`` is a logit)."""

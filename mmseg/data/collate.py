@@ -25,14 +25,19 @@ class Example:
     prompt: str
     answer: str
     mask: np.ndarray | None
+    # Every annotated object of the image, ``(bool mask (H, W), {"kind": ..., "color": ...})``, for the model's
+    # patch probe (empty when unknown).
+    objects: tuple = ()
 
 
 class ExamplePool:
     """Referring-segmentation samples and QA pairs of one split, drawn by index with a caller's RNG."""
 
-    def __init__(self, refer, qa: Sequence[dict], image_root: Path, describe_targets: bool = True) -> None:
+    def __init__(self, refer, qa: Sequence[dict], image_root: Path, describe_targets: bool = True,
+                 with_objects: bool = False) -> None:
         self.refer = refer
         self.describe_targets = describe_targets
+        self.with_objects = with_objects  # attach every object of the image (for a patch probe)
         self.qa = list(qa)
         self.image_root = Path(image_root)
         # Sample indices per expression type (from the refs file; no mask decoding) for curricula.
@@ -46,11 +51,18 @@ class ExamplePool:
         mask = sample.mask if sample.has_target else None
         description = target_description(sample) if self.describe_targets else None
         answer = segment_answer(sample.has_target, description)
-        return Example(sample.image_path, segment_prompt(sample.sentence, rng), answer, mask)
+        return Example(sample.image_path, segment_prompt(sample.sentence, rng), answer, mask,
+                       self._objects(sample.image_id))
 
     def question(self, index: int) -> Example:
         item = self.qa[index]
-        return Example(self.image_root / item["file_name"], item["question"], item["answer"], None)
+        return Example(self.image_root / item["file_name"], item["question"], item["answer"], None,
+                       self._objects(item.get("image_id")))
+
+    def _objects(self, image_id: int | None) -> tuple:
+        if not self.with_objects or image_id is None or int(image_id) not in self.refer.images:
+            return ()
+        return tuple(self.refer.image_objects(int(image_id)))
 
     def draw(self, rng: random.Random, qa_fraction: float, types: Sequence[str] | None = None) -> Example:
         """A QA pair with probability ``qa_fraction``, else a referring sample (of ``types`` only, if given)."""
@@ -79,15 +91,19 @@ class Collator:
     ``mask_point_token_id`` names, e.g. HiMTok's ``<mt_start>``).
     """
 
-    def __init__(self, processor: Processor, head: MaskHead) -> None:
+    def __init__(self, processor: Processor, head: MaskHead, patch_labels: dict[str, list[str]] | None = None) -> None:
         self.processor = processor
         self.head = head
+        # family -> {class name: index (1-based; 0 = background)}, for ``patch_labels (B, F, S, S)``
+        self.label_index = {f: {c: i + 1 for i, c in enumerate(names)} for f, names in (patch_labels or {}).items()}
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         proc = self.processor
-        rows, labels, pixels, targets = [], [], [], []
+        rows, labels, pixels, targets, label_maps = [], [], [], [], []
         for ex in examples:
             px, box = proc.preprocess_image(load_image(ex.image_path))
+            if self.label_index:
+                label_maps.append(self._label_maps(ex.objects, box))
             target = proc.transform.mask_to_input(ex.mask, box) if ex.mask is not None else torch.zeros(proc.image_size, proc.image_size)
             ids, lab = proc.encode_chat([{"role": "user", "content": ex.prompt}], ex.answer)
             ids, lab = self.head.expand_targets(ids, lab, target if ex.mask is not None else None)
@@ -107,7 +123,23 @@ class Collator:
             attention[i, : len(ids)] = 1
             if self.head.mask_point_token_id in ids:
                 seg_positions[i] = ids.index(self.head.mask_point_token_id)
-        return {
+        batch = {
             "input_ids": input_ids, "attention_mask": attention, "labels": label_ids,
             "pixel_values": torch.stack(pixels), "mask_targets": torch.stack(targets), "seg_positions": seg_positions,
         }
+        if self.label_index:
+            batch["patch_labels"] = torch.stack(label_maps)
+        return batch
+
+    def _label_maps(self, objects: Sequence, box) -> torch.Tensor:
+        """``(F, S, S)`` long pixel labels per family, placed like the letterboxed image: 0 = background, -100 =
+        unknown (an image with no object list, or an object without that family's label)."""
+        size = self.processor.image_size
+        maps = torch.zeros(len(self.label_index), size, size, dtype=torch.long)
+        if not objects:
+            return maps.fill_(-100)
+        for mask, names in objects:
+            inside = self.processor.transform.mask_to_input(mask, box) > 0.5
+            for f, (family, index) in enumerate(self.label_index.items()):
+                maps[f][inside] = index.get(names.get(family, ""), -100)
+        return maps

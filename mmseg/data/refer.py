@@ -222,6 +222,24 @@ class ReferDataset:
             f"pass image_root (--image-root) explicitly\n{layout}"
         )
 
+    def image_objects(self, image_id: int) -> list[tuple[np.ndarray, dict[str, str]]]:
+        """Every annotated object of an image: ``(mask, labels)`` with a bool ``(H, W)`` mask at the original size
+        and ``labels = {"kind": category name, **attributes}`` (SynthRef's attributes add e.g. ``"color"``)."""
+        if not hasattr(self, "_by_image"):
+            self._by_image: dict[int, list[dict[str, Any]]] = {}
+            for ann in self.annotations.values():
+                self._by_image.setdefault(int(ann["image_id"]), []).append(ann)
+        image = self.images[int(image_id)]
+        h, w = self._image_size(image, self.image_root / image["file_name"])
+        out = []
+        for ann in self._by_image.get(int(image_id), []):
+            labels = {k: str(v) for k, v in (ann.get("attributes") or {}).items() if isinstance(v, str)}
+            category = self.categories.get(int(ann.get("category_id", -1)))
+            if category is not None:
+                labels["kind"] = category
+            out.append((decode_segmentation(ann["segmentation"], h, w), labels))
+        return out
+
     def ref_of(self, index: int) -> dict[str, Any]:
         """The ref (a dict of the refs file) that sample ``index`` belongs to, without decoding its mask."""
         return self.refs[self._index[index][0]]

@@ -12,6 +12,7 @@ from torch import nn
 from mmseg.config import LMConfig, ModelConfig
 from mmseg.modeling.heads import build_head, head_config
 from mmseg.modeling.model import CONFIG_FILE, WEIGHTS_FILE, MMSegModel
+from mmseg.modeling.patch_probe import PatchProbe
 from mmseg.modeling.projector import MLPProjector, PatchMerger
 from mmseg.modeling.vision import build_vision_tower
 from mmseg.processing import PROCESSOR_FILE, Processor, ensure_special_tokens, train_bpe_tokenizer
@@ -86,7 +87,8 @@ def build_model(config: ModelConfig, tokenizer, load_weights: bool = True, asset
     if config.projector_norm:  # the RMS of the LM's token embeddings, which image features should match
         scale = float(lm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
     projector = MLPProjector(vision.hidden_size, hidden, out_scale=scale)
-    model = MMSegModel(config, vision, projector, lm, head, processor.image_token_id, merger=merger)
+    probe = PatchProbe(hidden, config.patch_labels) if config.patch_labels else None
+    model = MMSegModel(config, vision, projector, lm, head, processor.image_token_id, merger=merger, probe=probe)
     head.bind(processor, lm)
     return model, processor
 

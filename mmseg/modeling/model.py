@@ -12,6 +12,7 @@ from torch import nn
 
 from mmseg.config import ModelConfig
 from mmseg.modeling.heads.base import MaskHead
+from mmseg.modeling.patch_probe import PatchProbe
 from mmseg.modeling.projector import MLPProjector, PatchMerger
 from mmseg.modeling.vision import VisionTower
 
@@ -33,11 +34,13 @@ class MMSegModel(nn.Module):
 
     ``forward(batch)`` returns the training losses; inference goes through :mod:`mmseg.generation`.
     Batch keys: ``input_ids (B, T)``, ``attention_mask (B, T)``, ``labels (B, T)`` (-100 = no loss),
-    ``pixel_values (B, 3, S, S)``, ``mask_targets (B, S, S)`` in {0, 1}, ``seg_positions (B,)`` (-1 = none).
+    ``pixel_values (B, 3, S, S)``, ``mask_targets (B, S, S)`` in {0, 1}, ``seg_positions (B,)`` (-1 = none);
+    optional ``patch_labels (B, F, S, S)`` long (see :class:`~mmseg.modeling.patch_probe.PatchProbe`).
     """
 
     def __init__(self, config: ModelConfig, vision: VisionTower, projector: MLPProjector, lm: nn.Module,
-                 head: MaskHead, image_token_id: int, merger: PatchMerger | None = None) -> None:
+                 head: MaskHead, image_token_id: int, merger: PatchMerger | None = None,
+                 probe: PatchProbe | None = None) -> None:
         super().__init__()
         self.config = config
         self.vision = vision
@@ -46,6 +49,8 @@ class MMSegModel(nn.Module):
         self.head = head
         self.image_token_id = image_token_id
         self.merger = merger  # optional: fewer image positions in the LM prefix than patches
+        self.probe = probe  # optional: dense attribute supervision of the patch features (training only)
+        self.probe_weight = 0.5  # set by the trainer from its config
 
     @property
     def decoder(self) -> nn.Module:
@@ -108,6 +113,9 @@ class MMSegModel(nn.Module):
         text_ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         losses = {"text_ce": text_ce}
         losses.update(self.head.loss(batch, text_hidden, logits, hidden[:, t:] if extra is not None else None))
+        if self.probe is not None and "patch_labels" in batch:
+            losses["patch_probe"] = self.probe_weight * self.probe.loss(features, batch["patch_labels"],
+                                                                        self.vision.grid_size)
         losses["loss"] = sum(losses.values())
         return losses
 

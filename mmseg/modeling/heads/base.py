@@ -55,6 +55,7 @@ class MaskHead(nn.Module):
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
+    option_names: ClassVar[tuple[str, ...]] = ()  # per-call options the head accepts (e.g. ``keep_tokens``)
     mask_point_token_id: int  # set by bind(): the generated token that opens a mask point
     seg_token_id: int  # set by bind(): the shared <seg> placeholder
 
@@ -96,6 +97,10 @@ class MaskHead(nn.Module):
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Generation: reject bad per-call options (e.g. ``keep_tokens``) with a ValueError before any work."""
+        unknown = sorted(set(options) - set(self.option_names))
+        if unknown:
+            valid = ", ".join(self.option_names) or "none"
+            raise ValueError(f"unknown option(s) {unknown} for the {self.name} head; valid: {valid}")
 
     def constrain(self, session: "DecodeSession", logits: torch.Tensor) -> torch.Tensor:
         """Generation: adjust next-token logits ``(B, V)`` (identity by default). Called once per step, before

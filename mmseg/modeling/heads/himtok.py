@@ -312,9 +312,7 @@ class HiMTokHead(MaskHead):
         return int(k)
 
     def check_options(self, options: dict[str, Any]) -> None:
-        unknown = sorted(set(options) - set(self.option_names))
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for the {self.name} head; valid: {list(self.option_names)}")
+        super().check_options(options)
         self.keep_tokens(options)
 
     def _open_span(self, tokens: list[int]) -> int | None:
