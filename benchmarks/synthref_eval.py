@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", default=["val", "testA", "testB"])
     parser.add_argument("--limit", type=int, default=None, help="evaluate every k-th sample so that at most N remain")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--keep-tokens", type=int, nargs="*", default=[],
+                        help="coarse-to-fine heads: also score each split with only the first k mask tokens")
     parser.add_argument("--json", default="benchmarks/results/synthref_eval.json")
     args = parser.parse_args()
 
@@ -44,6 +46,10 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             results[split] = evaluate_refer(seg, ds, indices, batch_size=args.batch_size, progress=True)
         results[split]["seconds"] = round(time.perf_counter() - start, 1)
+        for k in args.keep_tokens:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                r = evaluate_refer(seg, ds, indices, batch_size=args.batch_size, keep_tokens=k)
+            results[split].setdefault("keep_tokens", {})[k] = {m: r[m] for m in ("ciou", "giou", "prec@0.5")}
     qa = read_qa(args.data, "val")
     if args.limit:
         qa = qa[: args.limit]
@@ -56,6 +62,8 @@ def main() -> None:
         types = ", ".join(f"{k} {v['ciou']:.3f} ({v['n']})" for k, v in r["by_type"].items())
         nt = "-" if r["no_target_acc"] is None else f"{r['no_target_acc']:.3f}"
         print(f"{split:<8}{r['n']:>6}{r['ciou']:>8.3f}{r['giou']:>8.3f}{r['prec@0.5']:>8.3f}{nt:>8}   {types}")
+        for k, kr in r.get("keep_tokens", {}).items():
+            print(f"{'  k=' + str(k):<8}{'':>6}{kr['ciou']:>8.3f}{kr['giou']:>8.3f}{kr['prec@0.5']:>8.3f}")
     print(f"QA exact match {results['qa']['qa_exact_match']:.3f} over {results['qa']['qa_n']} questions")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))

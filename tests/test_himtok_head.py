@@ -185,6 +185,21 @@ def test_the_model_loss_averages_all_sampled_prefixes(himtok, monkeypatch):
     torch.testing.assert_close(losses["mask_prefix"], head.config.prefix_weight * captured["terms"].mean())
 
 
+def test_mask_loss_samples_caps_the_decoded_rows(himtok, monkeypatch):
+    """``mask_loss_samples`` decodes only a random subset of the batch's masks (the code CE still covers all)."""
+    import dataclasses
+
+    model, proc = himtok
+    head = model.head
+    monkeypatch.setattr(head, "config", dataclasses.replace(head.config, mask_loss_samples=1))
+    seen = []
+    original = head.hierarchical_loss
+    monkeypatch.setattr(head, "hierarchical_loss", lambda probs, *a: seen.append(probs.shape[0]) or original(probs, *a))
+    with torch.no_grad():
+        losses = model(_batch(proc, head, _square_mask()))
+    assert seen == [1] and all(torch.isfinite(v) for v in losses.values())
+
+
 def test_frozen_tokenizer_gets_no_gradient_and_stays_out_of_the_optimizer(himtok):
     model, proc = himtok
     head = model.head

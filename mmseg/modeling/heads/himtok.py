@@ -78,6 +78,9 @@ class HiMTokConfig:
     prefix_weight: float = 1.0  # weight of the mean prefix term relative to the full-mask term
     prefix_offset: float = 9.0  # p(k) ~ 1 / (k + prefix_offset): short prefixes drawn more often
     prefix_blur: float = 0.08  # target blur sigma at k = 1, as a fraction of the tokenizer's mask side
+    # At most this many masks per batch get the decoded mask loss (a random subset; None = all). Decoding through
+    # the frozen tokenizer costs about as much as the LM itself on a CPU; the code-token CE trains every row.
+    mask_loss_samples: int | None = None
 
 
 def code_token(index: int, codebook_size: int) -> str:
@@ -285,6 +288,9 @@ class HiMTokHead(MaskHead):
             fits = start[rows] + k + 1 < t
             labelled = batch["labels"][rows, (start[rows] + 1).clamp(max=t - 1)] != -100
             rows = rows[fits & labelled]
+        cap = self.config.mask_loss_samples
+        if cap is not None and rows.numel() > cap:
+            rows = rows[torch.randperm(rows.numel(), device=rows.device)[:cap]].sort().values
         w = self.config.mask_loss_weight
         zero = text_logits.sum() * 0.0
         if rows.numel() == 0:
