@@ -140,6 +140,9 @@ class TrainConfig:
     # Target answers name the referred object before <seg> ("Sure, the red circle on the left <seg>.").
     describe_targets: bool = True
     patch_label_weight: float = 0.5  # weight of the patch-probe loss when the model has one
+    # Share of "Describe the objects in the image." samples (every object in reading order): teaches the LM to
+    # read its image tokens by position before it must find them by content.
+    list_fraction: float = 0.0
     # Curriculum: [[progress_from, [expression types]], ...]; from each progress fraction (of steps or wall
     # time, whichever is further) only those referring types are drawn; null types = all. Empty = no curriculum.
     curriculum: tuple = ()

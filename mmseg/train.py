@@ -19,7 +19,7 @@ import torch
 
 from mmseg.config import Preset
 from mmseg.data.collate import Collator, ExamplePool
-from mmseg.data.prompts import NO_TARGET_ANSWER, REGION_PHRASES, SEGMENT_TEMPLATES, TARGET_ANSWER
+from mmseg.data.prompts import LIST_TEMPLATES, NO_TARGET_ANSWER, REGION_PHRASES, SEGMENT_TEMPLATES, TARGET_ANSWER
 from mmseg.data.refer import ReferDataset, read_qa
 from mmseg.modeling.builder import build_model, build_tokenizer, is_checkpoint, load_pretrained
 from mmseg.perf import count_flops, matmul_peak_gflops
@@ -36,6 +36,7 @@ def text_corpus(refer: ReferDataset, qa: list[dict]):
     yield TARGET_ANSWER
     yield NO_TARGET_ANSWER
     yield from REGION_PHRASES  # described answers ("Sure, the red circle on the left <seg>.")
+    yield from LIST_TEMPLATES
     for ref in refer.refs:
         for sentence in ref["sentences"]:
             yield sentence["sent"]
@@ -164,7 +165,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     def batch_for(step_index: int, progress: float = 0.0) -> dict[str, torch.Tensor]:
         rng = random.Random(cfg.seed * 1_000_003 + step_index)
         types = cfg.types_at(progress)
-        examples = [pool.draw(rng, cfg.qa_fraction, types) for _ in range(cfg.batch_size)]
+        examples = [pool.draw(rng, cfg.qa_fraction, types, cfg.list_fraction) for _ in range(cfg.batch_size)]
         mine = examples[accelerator.process_index :: world]
         return {k: v.to(accelerator.device) for k, v in collate(mine).items()}
 

@@ -89,3 +89,27 @@ def test_description_without_colour_uses_the_category_alone():
     sample = SimpleNamespace(has_target=True, category="person", attributes=None, mask=mask)
     assert target_description(sample) == "the person on the right"
     assert target_description(SimpleNamespace(has_target=False, category=None, attributes=None, mask=mask)) is None
+
+
+def test_object_listing_reads_every_object_in_reading_order(pool):
+    """"Describe the objects" answers count the image's objects and list each with colour, kind and region, top
+    row first, left to right; the draw mixes them in at ``list_fraction``."""
+    from mmseg.data.prompts import LIST_TEMPLATES, list_objects_answer
+
+    rng = random.Random(3)
+    ex = pool.draw(rng, 0.0, list_fraction=1.0)
+    assert ex.prompt in LIST_TEMPLATES and ex.mask is None
+    assert ex.answer.startswith("There ") and ex.answer.endswith(".")
+    a = np.zeros((90, 90), dtype=bool)
+    a[5:20, 5:20] = True
+    b = np.zeros((90, 90), dtype=bool)
+    b[70:85, 60:85] = True
+    c = np.zeros((90, 90), dtype=bool)
+    c[40:50, 40:50] = True
+    objects = [(b, {"kind": "star", "color": "orange"}), (a, {"kind": "circle", "color": "red"}), (c, {"kind": "square"})]
+    assert list_objects_answer(objects) == ("There are 3 objects: a red circle at the top left, a square in the center "
+                                            "and an orange star at the bottom right.")
+    assert list_objects_answer(objects[1:2]) == "There is 1 object: a red circle at the top left."
+    assert list_objects_answer([]) is None
+    draws = [pool.draw(random.Random(i), 0.0, list_fraction=0.0).prompt for i in range(20)]
+    assert not any(p in LIST_TEMPLATES for p in draws)  # off by default

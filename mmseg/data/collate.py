@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mmseg.data.prompts import segment_answer, segment_prompt, target_description
+from mmseg.data.prompts import LIST_TEMPLATES, list_objects_answer, segment_answer, segment_prompt, target_description
 from mmseg.imageio import load_image
 from mmseg.modeling.heads.base import MaskHead
 from mmseg.processing import Processor
@@ -64,8 +64,23 @@ class ExamplePool:
             return ()
         return tuple(self.refer.image_objects(int(image_id)))
 
-    def draw(self, rng: random.Random, qa_fraction: float, types: Sequence[str] | None = None) -> Example:
-        """A QA pair with probability ``qa_fraction``, else a referring sample (of ``types`` only, if given)."""
+    def listing(self, rng: random.Random) -> Example:
+        """"Describe the objects in the image." with every object of a random image of this split, in reading order
+        (:func:`~mmseg.data.prompts.list_objects_answer`)."""
+        if not hasattr(self, "_image_ids"):
+            self._image_ids = sorted({int(r["image_id"]) for r in self.refer.refs})
+        image_id = self._image_ids[rng.randrange(len(self._image_ids))]
+        objects = tuple(self.refer.image_objects(image_id))
+        answer = list_objects_answer(list(objects)) or "I see no objects."
+        path = self.refer.image_root / self.refer.images[image_id]["file_name"]
+        return Example(path, rng.choice(LIST_TEMPLATES), answer, None, objects if self.with_objects else ())
+
+    def draw(self, rng: random.Random, qa_fraction: float, types: Sequence[str] | None = None,
+             list_fraction: float = 0.0) -> Example:
+        """An object listing with probability ``list_fraction``, a QA pair with probability ``qa_fraction``, else a
+        referring sample (of ``types`` only, if given)."""
+        if list_fraction > 0 and rng.random() < list_fraction:
+            return self.listing(rng)
         if self.qa and rng.random() < qa_fraction:
             return self.question(rng.randrange(len(self.qa)))
         if types is None:

@@ -37,17 +37,21 @@ def segment_prompt(expression: str, rng: random.Random | None = None) -> str:
     return template.format(expression=expression)
 
 
-def region_phrase(mask: np.ndarray) -> str | None:
-    """Where the centre of a bool ``(H, W)`` mask lies, in thirds of the image ("at the top left", "in the
-    center", ...); None for an empty mask."""
+def _region(mask: np.ndarray) -> tuple[str, str, float, float] | None:
+    """``(row, column, centre y, centre x)`` of a bool mask's centre, row/column in thirds of the image."""
     ys, xs = np.nonzero(mask)
     if len(ys) == 0:
         return None
     h, w = mask.shape
-    names = ("top", "middle", "bottom"), ("left", "middle", "right")
-    row = names[0][min(2, int(3 * ys.mean() / h))]
-    col = names[1][min(2, int(3 * xs.mean() / w))]
-    return _REGION_PHRASES[(row, col)]
+    cy, cx = float(ys.mean()), float(xs.mean())
+    return ("top", "middle", "bottom")[min(2, int(3 * cy / h))], ("left", "middle", "right")[min(2, int(3 * cx / w))], cy, cx
+
+
+def region_phrase(mask: np.ndarray) -> str | None:
+    """Where the centre of a bool ``(H, W)`` mask lies, in thirds of the image ("at the top left", "in the
+    center", ...); None for an empty mask."""
+    region = _region(mask)
+    return None if region is None else _REGION_PHRASES[region[:2]]
 
 
 def target_description(sample: Any) -> str | None:
@@ -75,3 +79,38 @@ def segment_answer(has_target: bool, description: str | None = None) -> str:
     if not has_target:
         return NO_TARGET_ANSWER
     return DESCRIBED_TARGET_ANSWER.format(description=description) if description else TARGET_ANSWER
+
+
+# Object listing: an understanding task whose answer reads every object off the image in a fixed order, so the
+# LM learns to attend to its image tokens by position before it must find them by content.
+LIST_TEMPLATES = (
+    "Describe the objects in the image.",
+    "What is in this image?",
+    "List the objects you see.",
+)
+_ROW_ORDER = {"top": 0, "middle": 1, "bottom": 2}
+_COL_ORDER = {"left": 0, "middle": 1, "right": 2}
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
+
+
+def list_objects_answer(objects: list[tuple[np.ndarray, dict[str, str]]]) -> str | None:
+    """``[(bool mask (H, W), {"kind": ..., "color": ...}), ...]`` -> "There are 3 objects: a red circle at the top
+    left, a blue square in the center and an orange star at the bottom right." Objects are listed in reading order
+    of their regions (top row first, left to right), then by their centres. None when no object has a kind."""
+    items = []
+    for mask, labels in objects:
+        region, kind = _region(mask), labels.get("kind")
+        if kind is None or region is None:
+            continue
+        row, col, cy, cx = region
+        noun = f"{labels['color']} {kind}" if labels.get("color") else kind
+        items.append(((_ROW_ORDER[row], _COL_ORDER[col], cy, cx), f"{_article(noun)} {_REGION_PHRASES[(row, col)]}"))
+    if not items:
+        return None
+    phrases = [p for _, p in sorted(items, key=lambda item: item[0])]
+    listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    count = "There is 1 object" if len(phrases) == 1 else f"There are {len(phrases)} objects"
+    return f"{count}: {listed}."
