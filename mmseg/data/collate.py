@@ -38,6 +38,7 @@ class ExamplePool:
         self.refer = refer
         self.describe_targets = describe_targets
         self.with_objects = with_objects  # attach every object of the image (for a patch probe)
+        self._image_ids = sorted({int(r["image_id"]) for r in refer.refs})  # for object listings
         self.qa = list(qa)
         self.image_root = Path(image_root)
         # Sample indices per expression type (from the refs file; no mask decoding) for curricula.
@@ -67,8 +68,6 @@ class ExamplePool:
     def listing(self, rng: random.Random) -> Example:
         """"Describe the objects in the image." with every object of a random image of this split, in reading order
         (:func:`~mmseg.data.prompts.list_objects_answer`)."""
-        if not hasattr(self, "_image_ids"):
-            self._image_ids = sorted({int(r["image_id"]) for r in self.refer.refs})
         image_id = self._image_ids[rng.randrange(len(self._image_ids))]
         objects = tuple(self.refer.image_objects(image_id))
         answer = list_objects_answer(list(objects)) or "I see no objects."

@@ -37,21 +37,24 @@ def segment_prompt(expression: str, rng: random.Random | None = None) -> str:
     return template.format(expression=expression)
 
 
-def _region(mask: np.ndarray) -> tuple[str, str, float, float] | None:
-    """``(row, column, centre y, centre x)`` of a bool mask's centre, row/column in thirds of the image."""
+_ROWS, _COLS = ("top", "middle", "bottom"), ("left", "middle", "right")
+
+
+def _region(mask: np.ndarray) -> tuple[int, int, float, float] | None:
+    """``(row, column, centre y, centre x)`` of a bool mask's centre; row and column index thirds of the image."""
     ys, xs = np.nonzero(mask)
     if len(ys) == 0:
         return None
     h, w = mask.shape
     cy, cx = float(ys.mean()), float(xs.mean())
-    return ("top", "middle", "bottom")[min(2, int(3 * cy / h))], ("left", "middle", "right")[min(2, int(3 * cx / w))], cy, cx
+    return min(2, int(3 * cy / h)), min(2, int(3 * cx / w)), cy, cx
 
 
 def region_phrase(mask: np.ndarray) -> str | None:
     """Where the centre of a bool ``(H, W)`` mask lies, in thirds of the image ("at the top left", "in the
     center", ...); None for an empty mask."""
     region = _region(mask)
-    return None if region is None else _REGION_PHRASES[region[:2]]
+    return None if region is None else _REGION_PHRASES[(_ROWS[region[0]], _COLS[region[1]])]
 
 
 def target_description(sample: Any) -> str | None:
@@ -88,12 +91,11 @@ LIST_TEMPLATES = (
     "What is in this image?",
     "List the objects you see.",
 )
-_ROW_ORDER = {"top": 0, "middle": 1, "bottom": 2}
-_COL_ORDER = {"left": 0, "middle": 1, "right": 2}
 
 
-def _article(phrase: str) -> str:
-    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
+def article(word: str) -> str:
+    """The indefinite article for ``word``: "an" before a vowel letter, else "a"."""
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def list_objects_answer(objects: list[tuple[np.ndarray, dict[str, str]]]) -> str | None:
@@ -105,9 +107,9 @@ def list_objects_answer(objects: list[tuple[np.ndarray, dict[str, str]]]) -> str
         region, kind = _region(mask), labels.get("kind")
         if kind is None or region is None:
             continue
-        row, col, cy, cx = region
         noun = f"{labels['color']} {kind}" if labels.get("color") else kind
-        items.append(((_ROW_ORDER[row], _COL_ORDER[col], cy, cx), f"{_article(noun)} {_REGION_PHRASES[(row, col)]}"))
+        # sorting by (row, column, centre) gives reading order
+        items.append((region, f"{article(noun)} {noun} {_REGION_PHRASES[(_ROWS[region[0]], _COLS[region[1]])]}"))
     if not items:
         return None
     phrases = [p for _, p in sorted(items, key=lambda item: item[0])]

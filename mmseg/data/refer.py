@@ -172,6 +172,9 @@ class ReferDataset:
         self.images: dict[int, dict[str, Any]] = {int(im["id"]): im for im in inst["images"]}
         self.annotations: dict[int, dict[str, Any]] = {int(a["id"]): a for a in inst["annotations"]}
         self.categories: dict[int, str] = {int(c["id"]): str(c["name"]) for c in inst.get("categories", [])}
+        self._by_image: dict[int, list[dict[str, Any]]] = {}  # image id -> its annotations
+        for ann in inst["annotations"]:
+            self._by_image.setdefault(int(ann["image_id"]), []).append(ann)
 
         self.refs: list[dict[str, Any]] = [r for r in refs if r["split"] == split]
         self._index: list[tuple[int, int]] = [
@@ -225,10 +228,6 @@ class ReferDataset:
     def image_objects(self, image_id: int) -> list[tuple[np.ndarray, dict[str, str]]]:
         """Every annotated object of an image: ``(mask, labels)`` with a bool ``(H, W)`` mask at the original size
         and ``labels = {"kind": category name, **attributes}`` (SynthRef's attributes add e.g. ``"color"``)."""
-        if not hasattr(self, "_by_image"):
-            self._by_image: dict[int, list[dict[str, Any]]] = {}
-            for ann in self.annotations.values():
-                self._by_image.setdefault(int(ann["image_id"]), []).append(ann)
         image = self.images[int(image_id)]
         h, w = self._image_size(image, self.image_root / image["file_name"])
         out = []

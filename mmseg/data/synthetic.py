@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from mmseg.data.prompts import article
 from mmseg.masks import encode_rle, mask_to_box
 
 __all__ = [
@@ -688,10 +689,6 @@ def _question_phrase(i: int, cands: _Candidates, rng: np.random.Generator) -> st
     return "the " + nps[int(rng.integers(len(nps)))]
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
 def _make_qa(objs: list[SceneObject], cands: _Candidates, size: int, rng: np.random.Generator) -> list[tuple[str, str]]:
     """Short-answer questions: counting, colour, left/right or above/below, yes/no existence."""
     qa: list[tuple[str, str]] = []
@@ -739,10 +736,10 @@ def _make_qa(objs: list[SceneObject], cands: _Candidates, size: int, rng: np.ran
             break
     # existence: one yes and one no per image keeps the answers balanced
     o = objs[int(rng.integers(len(objs)))]
-    qa.append((f"is there {_article(o.color)} {o.color} {o.kind}?", "yes"))
+    qa.append((f"is there {article(o.color)} {o.color} {o.kind}?", "yes"))
     pool = cands.absent_hard if cands.absent_hard and rng.random() < 0.7 else cands.absent
     e = pool[int(rng.integers(len(pool)))]
-    qa.append((f"is there {_article(str(e.desc.color))} {e.desc.color} {e.desc.kind}?", "no"))
+    qa.append((f"is there {article(str(e.desc.color))} {e.desc.color} {e.desc.kind}?", "no"))
     return qa
 
 
