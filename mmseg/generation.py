@@ -94,12 +94,8 @@ class DecodeSession:
         return hidden
 
     def _run(self, embeds: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        decoder = self.model.decoder
-        out = decoder(
-            inputs_embeds=embeds.to(self.model.lm.dtype), attention_mask=attention, position_ids=positions,
-            use_cache=True, **{_cache_argument(decoder): self.cache},
-        )
-        return out.last_hidden_state
+        return self.model.run_decoder(embeds.to(self.model.lm.dtype), attention, positions, use_cache=True,
+                                      **{_cache_argument(self.model.decoder): self.cache})
 
 
 def _cache_argument(decoder: nn.Module) -> str:

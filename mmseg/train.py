@@ -70,7 +70,7 @@ def plot_curve(history: list[dict], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         ax1.plot([h["step"] for h in train], [h["loss"] for h in train], label="total")
-        for key in ("text_ce", "mask_bce", "mask_dice"):
+        for key in ("text_ce", "mask_bce", "mask_dice", "patch_probe", "grounding"):
             if key in train[0]:
                 ax1.plot([h["step"] for h in train], [h[key] for h in train], label=key, alpha=0.7)
         ax1.set_yscale("log")
@@ -135,10 +135,11 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     else:
         tokenizer = build_tokenizer(preset.model, text_corpus(train_set, train_qa), cfg.vocab_size)
         model, processor = build_model(preset.model, tokenizer)
-    collate = Collator(processor, model.head, patch_labels=model.config.patch_labels)
+    collate = Collator(processor, model.head, patch_labels=model.config.patch_labels, focus=model.grounder is not None)
     pool = ExamplePool(train_set, train_qa, image_root, describe_targets=cfg.describe_targets,
                        with_objects=model.probe is not None)
     model.probe_weight = cfg.patch_label_weight
+    model.ground_weight = cfg.ground_weight
 
     # Frozen parameters (e.g. a head's frozen parts) stay out of the optimizer, so weight decay never moves them.
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

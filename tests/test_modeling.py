@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -180,3 +181,25 @@ def test_merged_prefix_trains_under_bf16_autocast():
         losses = model(batch)
     losses["loss"].backward()
     assert torch.isfinite(losses["loss"]) and model.merger.proj.weight.grad is not None
+
+
+def test_eager_attention_gives_the_same_losses_tokens_and_masks_as_sdpa():
+    """Eager attention adds a 4-D mask to its scores, so ``run_decoder`` turns our bool masks into 0 / dtype-min for
+    it: same weights, same losses (text and mask), same generated tokens and mask logits under either kernel."""
+    from mmseg.predictor import Segmenter
+
+    sdpa, proc = tiny_model(seed=5)
+    eager, _ = tiny_model(seed=5, model_options={"lm": dataclasses.replace(sdpa.config.lm, attn_implementation="eager")})
+    eager.load_state_dict(sdpa.state_dict())
+    assert eager.lm.config._attn_implementation == "eager" and sdpa.lm.config._attn_implementation == "sdpa"
+    batch = _batch(sdpa, proc)
+    with torch.no_grad():
+        a, b = sdpa(batch), eager(batch)
+    for key in ("text_ce", "mask_bce", "mask_dice"):
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    image = torch.rand(64, 64, 3).mul(255).byte().numpy()
+    ours, theirs = Segmenter(sdpa, proc)(image, "the red circle"), Segmenter(eager, proc)(image, "the red circle")
+    assert ours.text == theirs.text
+    assert len(ours.masks) == len(theirs.masks)
+    for m1, m2 in zip(ours.masks, theirs.masks):
+        assert (m1 == m2).mean() > 0.999

@@ -16,12 +16,12 @@ def tiny_config(head: str = "stamp", model_options: dict | None = None, **head_o
     """``model_options``: extra ModelConfig fields (e.g. ``projector_norm``, ``image_merge``)."""
     if head == "stamp":
         head_options = {"seg_kernel": True, "query_positions": True, "kernel_dim": 16, **head_options}
-    return ModelConfig(
-        vision=VisionConfig(kind="open_clip", image_size=64, patch_size=16, width=32, layers=1, heads=2),
-        lm=LMConfig(hidden_size=32, layers=2, heads=2, kv_heads=2, intermediate_size=64, max_position_embeddings=512),
-        head={"name": head, **head_options},
+    options = {
+        "vision": VisionConfig(kind="open_clip", image_size=64, patch_size=16, width=32, layers=1, heads=2),
+        "lm": LMConfig(hidden_size=32, layers=2, heads=2, kv_heads=2, intermediate_size=64, max_position_embeddings=512),
         **(model_options or {}),
-    )
+    }
+    return ModelConfig(head={"name": head, **head_options}, **options)
 
 
 def tiny_model(head: str = "stamp", seed: int = 0, model_options: dict | None = None, **head_options):

@@ -28,6 +28,9 @@ class Example:
     # Every annotated object of the image, ``(bool mask (H, W), {"kind": ..., "color": ...})``, for the model's
     # patch probe (empty when unknown).
     objects: tuple = ()
+    # Where the answer comes from, bool ``(H, W)``: the target (all False for a no-target expression), the objects a
+    # question is about, every object of a listing; None when unknown. Supervises the model's grounding probe.
+    focus: np.ndarray | None = None
 
 
 class ExamplePool:
@@ -53,12 +56,15 @@ class ExamplePool:
         description = target_description(sample) if self.describe_targets else None
         answer = segment_answer(sample.has_target, description)
         return Example(sample.image_path, segment_prompt(sample.sentence, rng), answer, mask,
-                       self._objects(sample.image_id))
+                       self._objects(sample.image_id), focus=sample.mask)
 
     def question(self, index: int) -> Example:
         item = self.qa[index]
+        focus = None
+        if item.get("ann_ids") is not None and item.get("image_id") is not None and int(item["image_id"]) in self.refer.images:
+            focus = self.refer.union_mask(int(item["image_id"]), item["ann_ids"])
         return Example(self.image_root / item["file_name"], item["question"], item["answer"], None,
-                       self._objects(item.get("image_id")))
+                       self._objects(item.get("image_id")), focus=focus)
 
     def _objects(self, image_id: int | None) -> tuple:
         if not self.with_objects or image_id is None or int(image_id) not in self.refer.images:
@@ -72,7 +78,10 @@ class ExamplePool:
         objects = tuple(self.refer.image_objects(image_id))
         answer = list_objects_answer(list(objects)) or "I see no objects."
         path = self.refer.image_root / self.refer.images[image_id]["file_name"]
-        return Example(path, rng.choice(LIST_TEMPLATES), answer, None, objects if self.with_objects else ())
+        focus = np.zeros_like(objects[0][0]) if objects else None
+        for mask, _ in objects:
+            focus |= mask
+        return Example(path, rng.choice(LIST_TEMPLATES), answer, None, objects if self.with_objects else (), focus=focus)
 
     def draw(self, rng: random.Random, qa_fraction: float, types: Sequence[str] | None = None,
              list_fraction: float = 0.0) -> Example:
@@ -102,18 +111,22 @@ class Collator:
     Keys: ``input_ids, attention_mask, labels (B, T)``, ``pixel_values (B, 3, S, S)``,
     ``mask_targets (B, S, S)`` in {0, 1} placed like the letterboxed image, ``seg_positions (B,)``
     (index of the first mask point in the expanded text, -1 if none: ``<seg>``, or the token the head's
-    ``mask_point_token_id`` names, e.g. HiMTok's ``<mt_start>``).
+    ``mask_point_token_id`` names, e.g. HiMTok's ``<mt_start>``). With ``patch_labels``: ``patch_labels
+    (B, F, S, S)``. With ``focus``: ``focus_targets (B, S, S)`` in {0, 1} (each example's ``focus``, placed like the
+    image) and ``focus_valid (B,)`` bool (False where the example's focus is unknown).
     """
 
-    def __init__(self, processor: Processor, head: MaskHead, patch_labels: dict[str, list[str]] | None = None) -> None:
+    def __init__(self, processor: Processor, head: MaskHead, patch_labels: dict[str, list[str]] | None = None,
+                 focus: bool = False) -> None:
         self.processor = processor
         self.head = head
+        self.focus = focus
         # family -> {class name: index (1-based; 0 = background)}, for ``patch_labels (B, F, S, S)``
         self.label_index = {f: {c: i + 1 for i, c in enumerate(names)} for f, names in (patch_labels or {}).items()}
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         proc = self.processor
-        rows, labels, pixels, targets, label_maps = [], [], [], [], []
+        rows, labels, pixels, targets, label_maps, focus = [], [], [], [], [], []
         for ex in examples:
             px, box = proc.preprocess_image(load_image(ex.image_path))
             if self.label_index:
@@ -125,6 +138,13 @@ class Collator:
             labels.append(lab)
             pixels.append(px)
             targets.append(target)
+            if self.focus:
+                if ex.focus is None:
+                    focus.append(None)
+                elif ex.focus is ex.mask:  # a referring target: already placed
+                    focus.append(target)
+                else:
+                    focus.append(proc.transform.mask_to_input(ex.focus, box))
         width = max(len(r) for r in rows)
         b = len(rows)
         input_ids = torch.full((b, width), proc.pad_token_id, dtype=torch.long)
@@ -143,6 +163,10 @@ class Collator:
         }
         if self.label_index:
             batch["patch_labels"] = torch.stack(label_maps)
+        if self.focus:
+            blank = torch.zeros(proc.image_size, proc.image_size)
+            batch["focus_targets"] = torch.stack([blank if f is None else f for f in focus])
+            batch["focus_valid"] = torch.tensor([f is not None for f in focus])
         return batch
 
     def _label_maps(self, objects: Sequence, box) -> torch.Tensor:

@@ -21,7 +21,7 @@ import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -239,6 +239,19 @@ class ReferDataset:
             out.append((decode_segmentation(ann["segmentation"], h, w), labels))
         return out
 
+    def union_mask(self, image_id: int, ann_ids: Sequence[int]) -> np.ndarray:
+        """The union of some annotations of one image as a bool ``(H, W)`` mask at the original size (all False
+        for no ids). Unknown ids, or ids of another image, raise ``KeyError``."""
+        image = self.images[int(image_id)]
+        h, w = self._image_size(image, self.image_root / image["file_name"])
+        by_id = {int(ann["id"]): ann for ann in self._by_image.get(int(image_id), [])}
+        out = np.zeros((h, w), dtype=bool)
+        for ann_id in ann_ids:
+            if int(ann_id) not in by_id:
+                raise KeyError(f"annotation {ann_id} is not an annotation of image {image_id}")
+            out |= decode_segmentation(by_id[int(ann_id)]["segmentation"], h, w)
+        return out
+
     def ref_of(self, index: int) -> dict[str, Any]:
         """The ref (a dict of the refs file) that sample ``index`` belongs to, without decoding its mask."""
         return self.refs[self._index[index][0]]
@@ -305,7 +318,8 @@ def load_image(sample: ReferSample) -> Image.Image:
 
 
 def read_qa(data_root: str | Path, split: str | None = None) -> list[dict[str, Any]]:
-    """SynthRef questions ``{image_id, file_name, split, question, answer}`` of one split (all if None).
+    """SynthRef questions ``{image_id, file_name, split, question, answer, ann_ids}`` of one split (all if None).
+    ``ann_ids`` (optional; absent in older files) names the annotations the question is about.
 
     ``data_root`` is the folder holding ``synthref/qa.json`` (or the ``synthref`` folder itself).
     """

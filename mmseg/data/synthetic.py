@@ -12,7 +12,8 @@ Layout written by :func:`write_synthref` (same as REFER's refcoco folder)::
     OUT/images/synthref_{split}_{i:06d}.png      RGB, image_size x image_size
     OUT/synthref/instances.json                   COCO images / annotations / categories
     OUT/synthref/refs(unc).p                      list of refs, pickle protocol 4
-    OUT/synthref/qa.json                          short-answer questions per image
+    OUT/synthref/qa.json                          short-answer questions per image, with the ids of the
+                                                  annotations each question is about (``ann_ids``)
 
 Annotations carry the visible part of each object as COCO RLE (counts as str) plus the
 SynthRef-only key ``attributes = {"color": str, "size": float}`` where ``size`` is the
@@ -689,9 +690,18 @@ def _question_phrase(i: int, cands: _Candidates, rng: np.random.Generator) -> st
     return "the " + nps[int(rng.integers(len(nps)))]
 
 
-def _make_qa(objs: list[SceneObject], cands: _Candidates, size: int, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Short-answer questions: counting, colour, left/right or above/below, yes/no existence."""
-    qa: list[tuple[str, str]] = []
+def _make_qa(objs: list[SceneObject], cands: _Candidates, size: int,
+             rng: np.random.Generator) -> list[tuple[str, str, list[int]]]:
+    """Short-answer questions: counting, colour, left/right or above/below, yes/no existence.
+
+    Each comes as ``(question, answer, subject)``: ``subject`` lists the indices of the objects the question is
+    about (those counted; the one whose colour or place is asked; those that make an existence answer "yes"), so a
+    model can be told where to look (see ``ModelConfig.ground_layer``)."""
+    qa: list[tuple[str, str, list[int]]] = []
+
+    def which(keep) -> list[int]:
+        return [i for i, o in enumerate(objs) if keep(o)]
+
     kinds_present = sorted({o.kind for o in objs})
     colors_present = sorted({o.color for o in objs})
     # counting (digits "0".."6")
@@ -699,23 +709,27 @@ def _make_qa(objs: list[SceneObject], cands: _Candidates, size: int, rng: np.ran
     if form == 0:
         pool = list(KINDS) if rng.random() < 0.2 else kinds_present  # sometimes ask about an absent kind -> "0"
         k = pool[int(rng.integers(len(pool)))]
-        qa.append((f"how many {PLURALS[k]} are there?", str(sum(o.kind == k for o in objs))))
+        subject = which(lambda o: o.kind == k)
+        qa.append((f"how many {PLURALS[k]} are there?", str(len(subject)), subject))
     elif form == 1:
         c = colors_present[int(rng.integers(len(colors_present)))]
         noun = ("objects", "shapes")[int(rng.integers(2))]
-        qa.append((f"how many {c} {noun} are there?", str(sum(o.color == c for o in objs))))
+        subject = which(lambda o: o.color == c)
+        qa.append((f"how many {c} {noun} are there?", str(len(subject)), subject))
     elif form == 2:
         noun = ("objects", "shapes")[int(rng.integers(2))]
-        qa.append((f"how many {noun} are there?", str(len(objs))))
+        qa.append((f"how many {noun} are there?", str(len(objs)), list(range(len(objs)))))
     else:
         o = objs[int(rng.integers(len(objs)))]
-        qa.append((f"how many {o.color} {PLURALS[o.kind]} are there?", str(sum(p.color == o.color and p.kind == o.kind for p in objs))))
+        subject = which(lambda p: p.color == o.color and p.kind == o.kind)
+        qa.append((f"how many {o.color} {PLURALS[o.kind]} are there?", str(len(subject)), subject))
     # colour of a kind that occurs once
     unique_kinds = [k for k in kinds_present if sum(o.kind == k for o in objs) == 1]
     if unique_kinds:
         k = unique_kinds[int(rng.integers(len(unique_kinds)))]
         word = ("colour", "color")[int(rng.integers(2))]
-        qa.append((f"what {word} is the {k}?", next(o.color for o in objs if o.kind == k)))
+        subject = which(lambda o: o.kind == k)
+        qa.append((f"what {word} is the {k}?", objs[subject[0]].color, subject))
     # relative position of two uniquely named objects, with the usual margin
     m = POS_MARGIN * size
     pairs = []
@@ -732,14 +746,15 @@ def _make_qa(objs: list[SceneObject], cands: _Candidates, size: int, rng: np.ran
         a, b = _question_phrase(i, cands, rng), _question_phrase(j, cands, rng)
         if a and b:
             words = "left or right of" if axis == "h" else "above or below"
-            qa.append((f"is {a} {words} {b}?", answer))
+            qa.append((f"is {a} {words} {b}?", answer, [i]))
             break
     # existence: one yes and one no per image keeps the answers balanced
     o = objs[int(rng.integers(len(objs)))]
-    qa.append((f"is there {article(o.color)} {o.color} {o.kind}?", "yes"))
+    qa.append((f"is there {article(o.color)} {o.color} {o.kind}?", "yes",
+               which(lambda p: p.color == o.color and p.kind == o.kind)))
     pool = cands.absent_hard if cands.absent_hard and rng.random() < 0.7 else cands.absent
     e = pool[int(rng.integers(len(pool)))]
-    qa.append((f"is there {article(str(e.desc.color))} {e.desc.color} {e.desc.kind}?", "no"))
+    qa.append((f"is there {article(str(e.desc.color))} {e.desc.color} {e.desc.kind}?", "no", []))
     return qa
 
 
@@ -881,10 +896,9 @@ def write_synthref(
                 add_ref(main, [main], "no_target", None)
                 n_no_target += 1
 
-            for question, answer in _make_qa(objs, cands, image_size, rng):
-                qa_rows.append(
-                    {"image_id": image_id, "file_name": file_name, "split": split, "question": question, "answer": answer}
-                )
+            for question, answer, subject in _make_qa(objs, cands, image_size, rng):
+                qa_rows.append({"image_id": image_id, "file_name": file_name, "split": split, "question": question,
+                                "answer": answer, "ann_ids": [ann_ids[i] for i in subject]})
             bar.update(1)
         split_counts[split] = {
             "images": n_images,

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mmseg.config import LMConfig, ModelConfig
+from mmseg.modeling.grounding import GroundingProbe
 from mmseg.modeling.heads import build_head, head_config
 from mmseg.modeling.model import CONFIG_FILE, WEIGHTS_FILE, MMSegModel
 from mmseg.modeling.patch_probe import PatchProbe
@@ -28,11 +29,11 @@ def build_lm(config: LMConfig, vocab_size: int | None = None, load_weights: bool
 
     if config.hf_config is not None:
         hf_config = AutoConfig.for_model(**config.hf_config)
-        return AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(hf_config, attn_implementation=config.attn_implementation)
     if config.name is not None:
         if load_weights:
-            return AutoModelForCausalLM.from_pretrained(config.name, attn_implementation="sdpa")
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.name), attn_implementation="sdpa")
+            return AutoModelForCausalLM.from_pretrained(config.name, attn_implementation=config.attn_implementation)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.name), attn_implementation=config.attn_implementation)
     hf_config = AutoConfig.for_model(
         config.model_type,
         vocab_size=vocab_size or 1024,
@@ -44,7 +45,7 @@ def build_lm(config: LMConfig, vocab_size: int | None = None, load_weights: bool
         max_position_embeddings=config.max_position_embeddings,
         tie_word_embeddings=True,
     )
-    return AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=config.attn_implementation)
 
 
 def head_special_tokens(config: ModelConfig) -> list[str]:
@@ -88,7 +89,16 @@ def build_model(config: ModelConfig, tokenizer, load_weights: bool = True, asset
         scale = float(lm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
     projector = MLPProjector(vision.hidden_size, hidden, out_scale=scale)
     probe = PatchProbe(hidden, config.patch_labels) if config.patch_labels else None
-    model = MMSegModel(config, vision, projector, lm, head, processor.image_token_id, merger=merger, probe=probe)
+    grounder = None
+    if config.ground_layer is not None:
+        layers = lm.config.get_text_config().num_hidden_layers
+        if not 1 <= config.ground_layer <= layers:
+            raise ValueError(f"ground_layer must be in 1..{layers} (the LM's layers), got {config.ground_layer}")
+        if config.image_position != "after":
+            raise ValueError('ground_layer needs image_position "after": image positions must see the request')
+        grounder = GroundingProbe(hidden, config.ground_layer)
+    model = MMSegModel(config, vision, projector, lm, head, processor.image_token_id, merger=merger, probe=probe,
+                       grounder=grounder)
     head.bind(processor, lm)
     return model, processor
 

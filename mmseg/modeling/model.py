@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmseg.config import ModelConfig
+from mmseg.modeling.grounding import GroundingProbe
 from mmseg.modeling.heads.base import MaskHead
 from mmseg.modeling.patch_probe import PatchProbe
 from mmseg.modeling.projector import MLPProjector, PatchMerger
@@ -35,12 +36,14 @@ class MMSegModel(nn.Module):
     ``forward(batch)`` returns the training losses; inference goes through :mod:`mmseg.generation`.
     Batch keys: ``input_ids (B, T)``, ``attention_mask (B, T)``, ``labels (B, T)`` (-100 = no loss),
     ``pixel_values (B, 3, S, S)``, ``mask_targets (B, S, S)`` in {0, 1}, ``seg_positions (B,)`` (-1 = none);
-    optional ``patch_labels (B, F, S, S)`` long (see :class:`~mmseg.modeling.patch_probe.PatchProbe`).
+    optional ``patch_labels (B, F, S, S)`` long (see :class:`~mmseg.modeling.patch_probe.PatchProbe`);
+    optional ``focus_targets (B, S, S)`` in {0, 1} with ``focus_valid (B,)`` bool (see
+    :class:`~mmseg.modeling.grounding.GroundingProbe`).
     """
 
     def __init__(self, config: ModelConfig, vision: VisionTower, projector: MLPProjector, lm: nn.Module,
                  head: MaskHead, image_token_id: int, merger: PatchMerger | None = None,
-                 probe: PatchProbe | None = None) -> None:
+                 probe: PatchProbe | None = None, grounder: GroundingProbe | None = None) -> None:
         super().__init__()
         self.config = config
         self.vision = vision
@@ -51,11 +54,37 @@ class MMSegModel(nn.Module):
         self.merger = merger  # optional: fewer image positions in the LM prefix than patches
         self.probe = probe  # optional: dense attribute supervision of the patch features (training only)
         self.probe_weight = 0.5  # set by the trainer from its config
+        self.grounder = grounder  # optional: the LM's image positions predict the answer's focus (training only)
+        self.ground_weight = 1.0  # set by the trainer from its config
 
     @property
     def decoder(self) -> nn.Module:
         """The LM without its output layer: gives normalised last hidden states."""
         return self.lm.get_decoder()
+
+    @property
+    def prefix_grid(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the image positions in the LM prefix (the patch grid, or the merged grid)."""
+        (gh, gw), m = self.vision.grid_size, self.config.image_merge
+        return gh // m, gw // m
+
+    def run_decoder(self, embeds: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+                    return_layer: int | None = None, **kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The LM's decoder over ``embeds (B, Q, D)`` with a bool ``attention (B, 1, Q, K)`` (True = may attend;
+        ``K`` counts cached positions too) at ``positions (B, Q)``; returns the last hidden states ``(B, Q, D)``,
+        and with ``return_layer=k`` also the hidden states after layer ``k`` (``(last, layer_k)``).
+
+        transformers passes a 4-D mask through unchanged: SDPA reads a bool mask, but eager attention *adds* the
+        mask to its scores, so for eager it becomes 0 / dtype-min in the embeddings' dtype.
+        """
+        if getattr(self.lm.config, "_attn_implementation", "sdpa") == "eager":
+            attention = torch.zeros(attention.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+                ~attention, torch.finfo(embeds.dtype).min)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
+                           output_hidden_states=return_layer is not None, **kwargs)
+        if return_layer is None:
+            return out.last_hidden_state
+        return out.last_hidden_state, out.hidden_states[return_layer]
 
     @property
     def device(self) -> torch.device:
@@ -104,9 +133,11 @@ class MMSegModel(nn.Module):
             rows = torch.cat([F.pad(rows, (0, q), value=False), extra.attention], dim=1)  # text never sees extras
             embeds = torch.cat([embeds, extra.embeds.to(embeds.dtype)], dim=1)
             positions = torch.cat([positions, extra.position_ids], dim=1)
-        hidden = self.decoder(
-            inputs_embeds=embeds, attention_mask=rows[:, None], position_ids=positions, use_cache=False
-        ).last_hidden_state
+        ground = self.grounder is not None and "focus_targets" in batch
+        hidden = self.run_decoder(embeds, rows[:, None], positions, use_cache=False,
+                                  return_layer=self.grounder.layer if ground else None)
+        if ground:
+            hidden, layer_hidden = hidden
         text_hidden = hidden[:, :t]
         logits = self.lm.get_output_embeddings()(text_hidden)
         labels = batch["labels"]
@@ -116,6 +147,10 @@ class MMSegModel(nn.Module):
         if self.probe is not None and "patch_labels" in batch:
             losses["patch_probe"] = self.probe_weight * self.probe.loss(features, batch["patch_labels"],
                                                                         self.vision.grid_size)
+        if ground:
+            losses["grounding"] = self.ground_weight * self.grounder.loss(
+                layer_hidden[:, :t], input_ids == self.image_token_id, batch["focus_targets"], batch["focus_valid"],
+                self.prefix_grid)
         losses["loss"] = sum(losses.values())
         return losses
 

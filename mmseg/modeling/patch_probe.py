@@ -46,9 +46,15 @@ class PatchProbe(nn.Module):
 
 def _pool_labels(labels: torch.Tensor, classes: int, grid: tuple[int, int], min_cover: float) -> torch.Tensor:
     """``(B, S, S)`` pixel labels -> ``(B, gh*gw)`` patch labels (majority class; see :meth:`PatchProbe.loss`)."""
+    # Four label samples per patch side (16 per patch) measure coverage well enough and cut the work 16-fold at
+    # 128 px / 8x8 patches; small label maps are used whole.
+    step = max(1, min(labels.shape[-2] // (4 * grid[0]), labels.shape[-1] // (4 * grid[1])))
+    labels = labels[..., step // 2 :: step, step // 2 :: step]
     unknown = labels == IGNORE
-    onehot = F.one_hot(labels.clamp(min=0).masked_fill(unknown, 0), classes).permute(0, 3, 1, 2).float()
-    onehot = onehot * (~unknown)[:, None]
+    # Compare against the class ids instead of F.one_hot: one_hot validates its input with a full min/max pass and
+    # was ~40 ms per family at batch 32 on a CPU, more than the LM's forward.
+    ids = torch.arange(classes, device=labels.device)[None, :, None, None]
+    onehot = (labels[:, None] == ids).float()  # (B, C, S, S); unknown pixels (-100) match no class
     cover = F.adaptive_avg_pool2d(onehot, grid)  # (B, C, gh, gw) share of each class
     unknown_share = F.adaptive_avg_pool2d(unknown[:, None].float(), grid)[:, 0]
     fg_share, fg_class = cover[:, 1:].max(1)
