@@ -101,6 +101,9 @@ class ModelConfig:
     # Grounding probe (see mmseg.modeling.grounding): after this many LM layers, the image positions predict where
     # the answer's focus lies (needs image_position "after"). None = off.
     ground_layer: int | None = None
+    # With ground_layer: write the grounding back into the LM's stream (mmseg.modeling.grounding.GroundingGate) instead
+    # of only supervising the hidden states there.
+    ground_gate: bool = False
 
     @property
     def head_name(self) -> str:

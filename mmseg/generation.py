@@ -65,13 +65,15 @@ class DecodeSession:
         """``(B,)`` cache indices -> their ``(B,)`` position ids."""
         return self.cache_positions.gather(1, cache_index[:, None])[:, 0]
 
-    def feed(self, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Append ``embeds (B, n, D)`` to the cache, causal among themselves; returns hidden ``(B, n, D)``."""
+    def feed(self, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+             image_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``embeds (B, n, D)`` to the cache, causal among themselves; returns hidden ``(B, n, D)``.
+        ``image_positions (B, n)`` bool marks image tokens among them (the prompt's)."""
         n = embeds.shape[1]
         new = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()[None] & valid[:, None, :]
         new = new | torch.eye(n, dtype=torch.bool, device=self.device)[None]
         old = self.cache_valid[:, None, :].expand(-1, n, -1)
-        hidden = self._run(embeds, torch.cat([old, new], dim=-1)[:, None], positions)
+        hidden = self._run(embeds, torch.cat([old, new], dim=-1)[:, None], positions, image_positions)
         self.cache_valid = torch.cat([self.cache_valid, valid], dim=1)
         self.cache_positions = torch.cat([self.cache_positions, positions], dim=1)
         return hidden
@@ -93,9 +95,10 @@ class DecodeSession:
         self.cache.crop(-q)
         return hidden
 
-    def _run(self, embeds: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _run(self, embeds: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+             image_positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.run_decoder(embeds.to(self.model.lm.dtype), attention, positions, use_cache=True,
-                                      **{_cache_argument(self.model.decoder): self.cache})
+                                      image_positions=image_positions, **{_cache_argument(self.model.decoder): self.cache})
 
 
 def _cache_argument(decoder: nn.Module) -> str:
@@ -142,7 +145,7 @@ def start_session(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_val
         tokens=[[] for _ in range(b)], mask_points=[[] for _ in range(b)], point_hidden=[[] for _ in range(b)],
         options=dict(options or {}), prompt_ids=input_ids,
     )
-    session.prompt_hidden = session.feed(embeds, positions, valid)
+    session.prompt_hidden = session.feed(embeds, positions, valid, image_positions=input_ids == model.image_token_id)
     return session, session.prompt_hidden
 
 

@@ -112,7 +112,8 @@ class ShapingObjective(nn.Module):
         rows_attention = causal_text_attention(attention)[:, None]
         with torch.no_grad():  # the frozen model's teacher-forced pass: where the shaper reads its states
             embeds, _ = model.embed_inputs(ids, batch["pixel_values"])
-            hidden = model.run_decoder(embeds, rows_attention, positions, use_cache=False)
+            hidden = model.run_decoder(embeds, rows_attention, positions, use_cache=False,
+                                       image_positions=ids == model.image_token_id)
         start = batch["seg_positions"]
         rows = (start >= 0).nonzero()[:, 0]
         if rows.numel():  # as HiMTok's loss: spans the answer trains, all K codes inside the sequence
@@ -146,7 +147,8 @@ class ShapingObjective(nn.Module):
         shift = head.shift(model, recent, recent_valid, memory, memory_valid, p)  # (N, D), the only grad path
         shaped = embeds.clone()
         shaped[rows, pos] = shaped[rows, pos] + shift.to(shaped.dtype)
-        shaped_hidden = model.run_decoder(shaped, rows_attention, positions, use_cache=False)
+        shaped_hidden = model.run_decoder(shaped, rows_attention, positions, use_cache=False,
+                                          image_positions=ids == model.image_token_id)
         code_pos = s[:, None] + torch.arange(k, device=ids.device)[None]  # logits here predict the K codes
         output = model.lm.get_output_embeddings()
         code_logits = output(shaped_hidden[rows[:, None], code_pos]).index_select(-1, head.code_token_ids).float()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mmseg.config import LMConfig, ModelConfig
-from mmseg.modeling.grounding import GroundingProbe
+from mmseg.modeling.grounding import GroundingGate, GroundingProbe
 from mmseg.modeling.heads import build_head, head_config
 from mmseg.modeling.model import CONFIG_FILE, WEIGHTS_FILE, MMSegModel
 from mmseg.modeling.patch_probe import PatchProbe
@@ -96,7 +96,9 @@ def build_model(config: ModelConfig, tokenizer, load_weights: bool = True, asset
             raise ValueError(f"ground_layer must be in 1..{layers} (the LM's layers), got {config.ground_layer}")
         if config.image_position != "after":
             raise ValueError('ground_layer needs image_position "after": image positions must see the request')
-        grounder = GroundingProbe(hidden, config.ground_layer)
+        if config.ground_gate and not hasattr(lm.get_decoder(), "layers"):
+            raise ValueError(f"ground_gate needs an LM whose decoder lists its layers ({type(lm).__name__} does not)")
+        grounder = (GroundingGate if config.ground_gate else GroundingProbe)(hidden, config.ground_layer)
     model = MMSegModel(config, vision, projector, lm, head, processor.image_token_id, merger=merger, probe=probe,
                        grounder=grounder)
     head.bind(processor, lm)

@@ -45,12 +45,58 @@ class GroundingProbe(nn.Module):
         """BCE against each cell's focus coverage (a soft target in [0, 1]) plus soft Dice on rows whose focus is not
         empty. ``focus (B, S, S)`` in {0, 1} placed like the image; ``valid (B,)`` bool (rows with unknown focus
         are left out). Returns a float32 scalar (0 with a graph when no row is valid)."""
-        logits = self.logits(hidden, placeholders, grid)
-        if not bool(valid.any()):
-            return logits.sum() * 0.0
-        logits, target = logits[valid], downsample_targets(focus[valid], grid)
-        loss = F.binary_cross_entropy_with_logits(logits, target)
-        present = target.flatten(1).sum(1) > 0
-        if bool(present.any()):
-            loss = loss + dice_loss(logits[present], target[present])
-        return loss
+        return focus_loss(self.logits(hidden, placeholders, grid), focus, valid)
+
+
+def focus_loss(logits: torch.Tensor, focus: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``logits (B, gh, gw)`` against ``focus (B, S, S)`` in {0, 1} for the rows ``valid (B,)`` marks: BCE on each
+    cell's coverage plus soft Dice on rows whose focus is not empty."""
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    logits, target = logits[valid], downsample_targets(focus[valid], tuple(logits.shape[-2:]))
+    loss = F.binary_cross_entropy_with_logits(logits, target)
+    present = target.flatten(1).sum(1) > 0
+    if bool(present.any()):
+        loss = loss + dice_loss(logits[present], target[present])
+    return loss
+
+
+class GroundingGate(GroundingProbe):
+    """The probe made part of the model: it scores each image position against the request, and writes the result
+    back into the LM's stream after layer ``layer``: ``h_i += sigmoid(logit_i) * focus`` (``focus`` a learned
+    vector, zero at the start, so a new gate changes nothing until trained).
+
+    Measured first (session 4, tiny-stamp): the plain probe's loss hardly moved in 1,000 steps (0.62 -> 0.45-0.53)
+    while STAMP's mask queries reached Dice loss 0.16, and the difference is how each scores a position. STAMP's
+    ``seg_kernel`` matches a query against a summary of the request, ``<K q_i, S h_seg>``; the plain probe needs
+    the image positions to have found the referent through attention first. The gate uses the same match: the
+    logit is ``<K h_i, S h_r> / sqrt(d) + w . h_i``, where ``h_r`` is the position just before the image, which has
+    read the whole request (image after text). The answer then finds the referent by looking for ``focus``.
+    """
+
+    def __init__(self, hidden_size: int, layer: int, match_dim: int = 64) -> None:
+        super().__init__(hidden_size, layer)
+        self.match_image = nn.Linear(hidden_size, match_dim)
+        self.match_request = nn.Linear(hidden_size, match_dim)
+        self.focus = nn.Parameter(torch.zeros(hidden_size))
+        self.last_logits: torch.Tensor | None = None  # (B, gh, gw) float, of the last pass that held the image
+
+    def gate_logits(self, hidden: torch.Tensor, image_positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """``hidden (B, Q, D)`` after layer ``layer``; ``image_positions (B, Q)`` bool with ``gh*gw`` per row (the
+        image, row-major, right after the request) -> ``(B, gh, gw)`` float logits."""
+        b = hidden.shape[0]
+        first = image_positions.int().argmax(1)  # the first image position of each row
+        request = self.norm(hidden[torch.arange(b, device=hidden.device), (first - 1).clamp(min=0)])  # (B, D)
+        image = self.norm(hidden[image_positions].reshape(b, grid[0] * grid[1], -1))  # (B, P, D)
+        match = self.match_image(image) @ self.match_request(request)[:, :, None]  # (B, P, 1)
+        logits = self.score(image) + match / self.match_image.out_features**0.5
+        return logits.float().reshape(b, *grid)
+
+    def apply(self, hidden: torch.Tensor, image_positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Add ``sigmoid(logit) * focus`` at the image positions of ``hidden (B, Q, D)``; keeps the logits in
+        ``last_logits`` for the training loss."""
+        logits = self.gate_logits(hidden, image_positions, grid)
+        self.last_logits = logits
+        shift = logits.flatten(1).sigmoid()[..., None].to(hidden.dtype) * self.focus.to(hidden.dtype)  # (B, P, D)
+        placed = torch.zeros_like(hidden).masked_scatter(image_positions[..., None].expand_as(hidden), shift)
+        return hidden + placed
