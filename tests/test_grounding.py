@@ -174,3 +174,15 @@ def test_gate_trains_from_the_focus_and_round_trips(synthref_root, tmp_path):
     loaded, _ = load_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch)["loss"], model(batch)["loss"])
+
+
+def test_focus_cells_mark_covered_cells_and_a_small_objects_best_cell():
+    from mmseg.modeling.grounding import focus_cells
+
+    focus = torch.zeros(2, 8, 8)
+    focus[0, :4, :4] = 1  # fills cell (0, 0) of a 2x2 grid
+    focus[0, 4, 4] = 1  # 1/16 of cell (1, 1): below 0.1 and below half the best cell -> not marked
+    focus[1, 7, 7] = 1  # a one-pixel object: its only cell is marked
+    cells = focus_cells(focus, (2, 2))
+    assert cells[0].tolist() == [[1, 0], [0, 0]] and cells[1].tolist() == [[0, 0], [0, 1]]
+    assert focus_cells(torch.zeros(1, 8, 8), (2, 2)).sum() == 0
