@@ -70,7 +70,8 @@ class LMConfig:
     intermediate_size: int = 768
     max_position_embeddings: int = 1024
     # "sdpa" suits GPUs and long sequences. On a CPU with short sequences (~120 tokens) and a custom 4-D mask,
-    # "eager" trains ~1.4x faster: the SDPA CPU backward dominated a tiny-stamp step (benchmarks/train_step.py).
+    # "eager" trains ~1.2x faster: the SDPA CPU backward is the slowest part of a tiny-stamp step
+    # (benchmarks/train_step.py).
     attn_implementation: str = "sdpa"
     hf_config: dict[str, Any] | None = None
 
