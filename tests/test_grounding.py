@@ -104,8 +104,8 @@ def test_probe_learns_where_the_focus_is():
     with torch.no_grad():
         embeds, _ = model.embed_inputs(batch["input_ids"], batch["pixel_values"])
         rows = torch.ones(1, 1, len(ids), len(ids), dtype=torch.bool).tril()
-        _, layer = model.run_decoder(embeds, rows, torch.arange(len(ids))[None], return_layer=2)
-        logits = model.grounder.logits(layer, batch["input_ids"] == proc.image_token_id, model.prefix_grid)
+        model.run_decoder(embeds, rows, torch.arange(len(ids))[None], image_positions=batch["input_ids"] == proc.image_token_id)
+        logits = model.grounder.last_logits
     inside = torch.zeros(4, 4, dtype=torch.bool)
     inside[:2, :2] = True
     assert logits[0][inside].min() > logits[0][~inside].max()

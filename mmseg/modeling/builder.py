@@ -96,8 +96,8 @@ def build_model(config: ModelConfig, tokenizer, load_weights: bool = True, asset
             raise ValueError(f"ground_layer must be in 1..{layers} (the LM's layers), got {config.ground_layer}")
         if config.image_position != "after":
             raise ValueError('ground_layer needs image_position "after": image positions must see the request')
-        if config.ground_gate and not hasattr(lm.get_decoder(), "layers"):
-            raise ValueError(f"ground_gate needs an LM whose decoder lists its layers ({type(lm).__name__} does not)")
+        if not hasattr(lm.get_decoder(), "layers"):
+            raise ValueError(f"ground_layer needs an LM whose decoder lists its layers ({type(lm).__name__} does not)")
         grounder = (GroundingGate if config.ground_gate else GroundingProbe)(hidden, config.ground_layer)
     model = MMSegModel(config, vision, projector, lm, head, processor.image_token_id, merger=merger, probe=probe,
                        grounder=grounder)

@@ -11,8 +11,8 @@ sees the request, exactly like a mask query. This probe gives those positions th
 ``LayerNorm -> Linear(D, 1)`` on the hidden state after LM layer ``ground_layer`` predicts, per image position, whether
 the *focus* covers its cell (the referent; the objects a question is about; nothing for a no-target
 request). The layers above ``ground_layer`` then only need one attention hop from an answer token to the positions
-that light up, to read their colour, kind and place, or to notice that none does. Training only: inference runs
-the LM unchanged.
+that light up, to read their colour, kind and place, or to notice that none does. The probe alone
+leaves the stream unchanged (a training signal); :class:`GroundingGate` also writes its result back.
 """
 
 from __future__ import annotations
@@ -25,27 +25,30 @@ from mmseg.modeling.losses import dice_loss, downsample_targets
 
 
 class GroundingProbe(nn.Module):
-    """``LayerNorm(D) -> Linear(D, 1)`` over the image positions of LM layer ``layer``'s output."""
+    """``LayerNorm(D) -> Linear(D, 1)`` over the image positions of LM layer ``layer``'s output.
+
+    The model calls :meth:`apply` on that layer's output (a forward hook) whenever the image is in the pass; the
+    probe keeps its logits in ``last_logits`` for the training loss (:func:`focus_loss`) and leaves the stream as
+    it was."""
 
     def __init__(self, hidden_size: int, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.norm = nn.LayerNorm(hidden_size)
         self.score = nn.Linear(hidden_size, 1)
+        self.last_logits: torch.Tensor | None = None  # (B, gh, gw) float, of the last pass that held the image
 
-    def logits(self, hidden: torch.Tensor, placeholders: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """``hidden (B, T, D)`` at layer ``self.layer``, ``placeholders (B, T)`` bool marking the ``gh*gw`` image
-        positions of each row (row-major) -> ``(B, gh, gw)`` float logits."""
+    def logits(self, hidden: torch.Tensor, image_positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """``hidden (B, Q, D)`` after layer ``self.layer``, ``image_positions (B, Q)`` bool marking the ``gh*gw``
+        image positions of each row (row-major) -> ``(B, gh, gw)`` float logits."""
         b = hidden.shape[0]
-        image = hidden[placeholders].reshape(b, grid[0] * grid[1], -1)
+        image = hidden[image_positions].reshape(b, grid[0] * grid[1], -1)
         return self.score(self.norm(image)).float().reshape(b, *grid)
 
-    def loss(self, hidden: torch.Tensor, placeholders: torch.Tensor, focus: torch.Tensor, valid: torch.Tensor,
-             grid: tuple[int, int]) -> torch.Tensor:
-        """BCE against the cells the focus covers (:func:`focus_cells`) plus soft Dice on rows whose focus is not
-        empty. ``focus (B, S, S)`` in {0, 1} placed like the image; ``valid (B,)`` bool (rows with unknown focus
-        are left out). Returns a float32 scalar (0 with a graph when no row is valid)."""
-        return focus_loss(self.logits(hidden, placeholders, grid), focus, valid)
+    def apply(self, hidden: torch.Tensor, image_positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Score the image positions of ``hidden (B, Q, D)`` into ``last_logits``; returns ``hidden`` unchanged."""
+        self.last_logits = self.logits(hidden, image_positions, grid)
+        return hidden
 
 
 def focus_cells(focus: torch.Tensor, grid: tuple[int, int], min_cover: float = 0.1) -> torch.Tensor:
@@ -92,9 +95,8 @@ class GroundingGate(GroundingProbe):
         self.match_image = nn.Linear(hidden_size, match_dim)
         self.match_request = nn.Linear(hidden_size, match_dim)
         self.focus = nn.Parameter(torch.zeros(hidden_size))
-        self.last_logits: torch.Tensor | None = None  # (B, gh, gw) float, of the last pass that held the image
 
-    def gate_logits(self, hidden: torch.Tensor, image_positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, image_positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """``hidden (B, Q, D)`` after layer ``layer``; ``image_positions (B, Q)`` bool with ``gh*gw`` per row (the
         image, row-major, right after the request) -> ``(B, gh, gw)`` float logits."""
         b = hidden.shape[0]
@@ -108,8 +110,8 @@ class GroundingGate(GroundingProbe):
     def apply(self, hidden: torch.Tensor, image_positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Add ``sigmoid(logit) * focus`` at the image positions of ``hidden (B, Q, D)``; keeps the logits in
         ``last_logits`` for the training loss."""
-        logits = self.gate_logits(hidden, image_positions, grid)
-        self.last_logits = logits
+        super().apply(hidden, image_positions, grid)  # fills last_logits
+        logits = self.last_logits
         shift = logits.flatten(1).sigmoid()[..., None].to(hidden.dtype) * self.focus.to(hidden.dtype)  # (B, P, D)
         placed = torch.zeros_like(hidden).masked_scatter(image_positions[..., None].expand_as(hidden), shift)
         return hidden + placed

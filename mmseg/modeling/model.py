@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmseg.config import ModelConfig
-from mmseg.modeling.grounding import GroundingGate, GroundingProbe, focus_loss
+from mmseg.modeling.grounding import GroundingProbe, focus_loss
 from mmseg.modeling.heads.base import MaskHead
 from mmseg.modeling.patch_probe import PatchProbe
 from mmseg.modeling.projector import MLPProjector, PatchMerger
@@ -56,10 +56,11 @@ class MMSegModel(nn.Module):
         self.probe_weight = 0.5  # set by the trainer from its config
         self.grounder = grounder  # optional: the LM's image positions predict the answer's focus (training only)
         self.ground_weight = 1.0  # set by the trainer from its config
-        self._image_positions: torch.Tensor | None = None  # (B, Q) for the decoder pass in flight (the gate's hook)
-        if isinstance(grounder, GroundingGate):
-            # The gate acts inside the LM, after its layer; a hook keeps any AutoModelForCausalLM unmodified.
-            self.decoder.layers[grounder.layer - 1].register_forward_hook(self._gate_hook)
+        self._image_positions: torch.Tensor | None = None  # (B, Q) for the decoder pass in flight (the grounder's hook)
+        if grounder is not None:
+            # The grounder reads (and a gate writes) the LM's stream after its layer; a hook keeps any
+            # AutoModelForCausalLM unmodified.
+            self.decoder.layers[grounder.layer - 1].register_forward_hook(self._ground_hook)
 
     @property
     def decoder(self) -> nn.Module:
@@ -72,7 +73,7 @@ class MMSegModel(nn.Module):
         (gh, gw), m = self.vision.grid_size, self.config.image_merge
         return gh // m, gw // m
 
-    def _gate_hook(self, module: nn.Module, args, output):
+    def _ground_hook(self, module: nn.Module, args, output):
         if self._image_positions is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
@@ -80,14 +81,12 @@ class MMSegModel(nn.Module):
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def run_decoder(self, embeds: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
-                    return_layer: int | None = None, image_positions: torch.Tensor | None = None,
-                    **kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                    image_positions: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """The LM's decoder over ``embeds (B, Q, D)`` with a bool ``attention (B, 1, Q, K)`` (True = may attend;
-        ``K`` counts cached positions too) at ``positions (B, Q)``; returns the last hidden states ``(B, Q, D)``,
-        and with ``return_layer=k`` also the hidden states after layer ``k`` (``(last, layer_k)``).
+        ``K`` counts cached positions too) at ``positions (B, Q)``; returns the last hidden states ``(B, Q, D)``.
         ``image_positions (B, Q)`` bool marks the image tokens among ``embeds`` (each row all of them, or none in the
-        whole batch): a :class:`~mmseg.modeling.grounding.GroundingGate` acts on them. Pass it whenever the image
-        is in ``embeds``.
+        whole batch): the grounder (:mod:`mmseg.modeling.grounding`) scores them, and a gate writes back. Pass it
+        whenever the image is in ``embeds``.
 
         transformers passes a 4-D mask through unchanged: SDPA reads a bool mask, but eager attention *adds* the
         mask to its scores, so for eager it becomes 0 / dtype-min in the embeddings' dtype.
@@ -95,16 +94,13 @@ class MMSegModel(nn.Module):
         if getattr(self.lm.config, "_attn_implementation", "sdpa") == "eager":
             attention = torch.zeros(attention.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
                 ~attention, torch.finfo(embeds.dtype).min)
-        gate = isinstance(self.grounder, GroundingGate) and image_positions is not None and bool(image_positions.any())
-        self._image_positions = image_positions if gate else None
+        ground = self.grounder is not None and image_positions is not None and bool(image_positions.any())
+        self._image_positions = image_positions if ground else None
         try:
-            out = self.decoder(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
-                               output_hidden_states=return_layer is not None, **kwargs)
+            return self.decoder(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
+                                **kwargs).last_hidden_state
         finally:
             self._image_positions = None
-        if return_layer is None:
-            return out.last_hidden_state
-        return out.last_hidden_state, out.hidden_states[return_layer]
 
     @property
     def device(self) -> torch.device:
@@ -154,13 +150,8 @@ class MMSegModel(nn.Module):
             embeds = torch.cat([embeds, extra.embeds.to(embeds.dtype)], dim=1)
             positions = torch.cat([positions, extra.position_ids], dim=1)
         placeholders = input_ids == self.image_token_id
-        gate = isinstance(self.grounder, GroundingGate)
-        ground = self.grounder is not None and "focus_targets" in batch
         hidden = self.run_decoder(embeds, rows[:, None], positions, use_cache=False,
-                                  return_layer=self.grounder.layer if ground and not gate else None,
                                   image_positions=F.pad(placeholders, (0, embeds.shape[1] - t)))
-        if ground and not gate:
-            hidden, layer_hidden = hidden
         text_hidden = hidden[:, :t]
         logits = self.lm.get_output_embeddings()(text_hidden)
         labels = batch["labels"]
@@ -170,13 +161,9 @@ class MMSegModel(nn.Module):
         if self.probe is not None and "patch_labels" in batch:
             losses["patch_probe"] = self.probe_weight * self.probe.loss(features, batch["patch_labels"],
                                                                         self.vision.grid_size)
-        if ground:
-            if gate:
-                ground_loss = focus_loss(self.grounder.last_logits, batch["focus_targets"], batch["focus_valid"])
-            else:
-                ground_loss = self.grounder.loss(layer_hidden[:, :t], placeholders, batch["focus_targets"],
-                                                 batch["focus_valid"], self.prefix_grid)
-            losses["grounding"] = self.ground_weight * ground_loss
+        if self.grounder is not None and "focus_targets" in batch:
+            losses["grounding"] = self.ground_weight * focus_loss(self.grounder.last_logits, batch["focus_targets"],
+                                                                  batch["focus_valid"])
         losses["loss"] = sum(losses.values())
         return losses
 
