@@ -129,6 +129,18 @@ def test_expand_targets_puts_the_tokenizers_codes_between_the_markers(himtok):
         head.expand_targets(ids, labels, None)
 
 
+def test_target_codes_are_memoised_per_mask_and_equal_a_fresh_encode(himtok):
+    model, _ = himtok
+    head = model.head
+    head._code_cache.clear()
+    square, shifted = _square_mask(), torch.roll(_square_mask(), 9, dims=1)
+    first = head.codes_of(square)
+    assert len(head._code_cache) == 1 and head.codes_of(square.clone()) == first  # a hit
+    assert len(head._code_cache) == 1
+    assert head.codes_of(shifted) == head.mask_tokenizer.encode(shifted).tolist()  # another mask: its own entry
+    assert len(head._code_cache) == 2 and first == head.mask_tokenizer.encode(square).tolist()
+
+
 def test_the_collator_marks_mt_start_as_the_mask_point(himtok):
     from mmseg.data.collate import Collator, Example
 

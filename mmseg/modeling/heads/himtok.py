@@ -32,6 +32,7 @@ Mask tokenizer location: a checkpoint keeps it in ``<checkpoint>/mask_tokenizer/
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import numbers
 import re
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -120,6 +122,7 @@ class HiMTokHead(MaskHead):
     name = "himtok"
     config_cls = HiMTokConfig
     option_names: tuple[str, ...] = ("keep_tokens",)  # per-call options; subclasses extend (check_options)
+    CODE_CACHE_SIZE = 500_000  # memoised target encodings (about 0.5 KB each)
 
     def __init__(self, config: HiMTokConfig, hidden_size: int, image_size: int, grid_size: tuple[int, int],
                  asset_dir: Path | None = None) -> None:
@@ -151,6 +154,7 @@ class HiMTokHead(MaskHead):
         self._frozen = [tokenizer]
         self.num_tokens = found.num_tokens
         self.codebook_size = found.codebook_size
+        self._code_cache: dict[bytes, list[int]] = {}  # binarised target -> codes (see codes_of)
 
     @property
     def mask_tokenizer(self) -> MaskTokenizer:
@@ -220,7 +224,7 @@ class HiMTokHead(MaskHead):
             return input_ids, labels
         if mask is None:
             raise ValueError("the answer has <seg> but the sample has no mask to encode")
-        codes = self.mask_tokenizer.encode(mask).tolist()
+        codes = self.codes_of(mask)
         span = [self.mt_start_id, *(self._code_token_list[c] for c in codes), self.mt_end_id]
         ids_out: list[int] = []
         labels_out: list[int] = []
@@ -232,6 +236,19 @@ class HiMTokHead(MaskHead):
                 ids_out.append(token)
                 labels_out.append(label)
         return ids_out, labels_out
+
+    def codes_of(self, mask: torch.Tensor) -> list[int]:
+        """The K code ids of a target ``mask (S, S)`` in [0, 1], memoised: the tokenizer is frozen and encoding is
+        deterministic, and the training loop meets each ground-truth mask once per epoch. Keyed by the binarised
+        mask's bytes (what the encoder sees), so a cache hit can never return another mask's codes."""
+        binary = np.packbits((torch.as_tensor(mask) > 0.5).cpu().numpy())
+        key = hashlib.blake2b(binary.tobytes(), digest_size=16).digest() + bytes(str(tuple(mask.shape)), "ascii")
+        codes = self._code_cache.get(key)
+        if codes is None:
+            codes = self.mask_tokenizer.encode(mask > 0.5).tolist()
+            if len(self._code_cache) < self.CODE_CACHE_SIZE:
+                self._code_cache[key] = codes
+        return codes
 
     def sample_prefixes(self, n: int) -> torch.Tensor:
         """``(n, P)`` distinct prefix lengths per mask from ``1..K-1`` with ``p(k) ~ 1 / (k + prefix_offset)``."""
