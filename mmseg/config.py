@@ -146,6 +146,9 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 0
     num_workers: int = 0
+    # Memory for memoised training inputs (decoded, letterboxed images; label maps; placed masks), per process.
+    # SynthRef's 10k training images need about 3 GB; 0 turns the memo off.
+    cache_mb: float = 4096.0
     vocab_size: int = 1024  # byte-level BPE size when a tokenizer is trained for a tiny LM
     # Target answers name the referred object before <seg> ("Sure, the red circle on the left <seg>.").
     describe_targets: bool = True

@@ -386,7 +386,7 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
     target_indices = [i for t in target_types for i in pool.by_type[t]]
     if not target_indices:
         raise ValueError(f"{data_dir}: the train split has no referring expression with a target")
-    collate = Collator(processor, head)
+    collate = Collator(processor, head, cache_mb=cfg.cache_mb)
     val_indices = list(range(0, len(val_set), max(1, len(val_set) // cfg.eval_samples)))[: cfg.eval_samples]
 
     # Stage objects are prepared once, each while only its own parameters require grad, so that DDP registers

@@ -113,3 +113,40 @@ def test_object_listing_reads_every_object_in_reading_order(pool):
     assert list_objects_answer([]) is None
     draws = [pool.draw(random.Random(i), 0.0, list_fraction=0.0).prompt for i in range(20)]
     assert not any(p in LIST_TEMPLATES for p in draws)  # off by default
+
+
+def test_memoised_collation_gives_identical_batches(synthref_root):
+    """The memo (decoded images, label maps, placed masks) changes speed only: batches equal the uncached ones,
+    also the second time round when every input comes from the memo."""
+    ds = ReferDataset(synthref_root, "synthref", "unc", "train")
+    pool = ExamplePool(ds, read_qa(synthref_root, "train"), ds.image_root, with_objects=True)
+    model, proc = tiny_model()
+    families = {"kind": ["circle", "square", "triangle", "star", "cross", "hexagon"], "color": ["red", "green", "blue"]}
+    rng = random.Random(3)
+    examples = [pool.draw(rng, 0.3) for _ in range(8)]
+    plain = Collator(proc, model.head, patch_labels=families, focus=True)(examples)
+    cached = Collator(proc, model.head, patch_labels=families, focus=True, cache_mb=64)
+    first, second = cached(examples), cached(examples)
+    assert cached.memo.hits > 0 and len(cached.memo) > 0
+    for batch in (first, second):
+        assert batch.keys() == plain.keys()
+        for key in plain:
+            assert batch[key].dtype == plain[key].dtype and torch.equal(batch[key], plain[key]), key
+
+
+def test_budget_memo_stops_inserting_when_full():
+    from mmseg.data.cache import BudgetMemo
+
+    memo = BudgetMemo(budget_bytes=3 * 400)
+    calls = []
+
+    def make(i):
+        calls.append(i)
+        return torch.zeros(100, dtype=torch.float32) + i  # 400 bytes
+
+    for i in range(5):
+        assert float(memo.get(i, lambda: make(i))[0]) == i
+    assert len(memo) == 3 and memo.used == 1200
+    memo.get(0, lambda: make(0))
+    memo.get(4, lambda: make(4))
+    assert calls == [0, 1, 2, 3, 4, 4] and memo.hits == 1  # key 4 did not fit: made again

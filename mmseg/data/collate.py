@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mmseg.data.cache import BudgetMemo
 from mmseg.data.prompts import LIST_TEMPLATES, list_objects_answer, segment_answer, segment_prompt, target_description
 from mmseg.imageio import load_image
 from mmseg.modeling.heads.base import MaskHead
@@ -40,6 +42,7 @@ class ExamplePool:
                  with_objects: bool = False) -> None:
         self.refer = refer
         self.describe_targets = describe_targets
+        self._descriptions: dict[int, str | None] = {}
         self.with_objects = with_objects  # attach every object of the image (for a patch probe)
         self._image_ids = sorted({int(r["image_id"]) for r in refer.refs})  # for object listings
         self.qa = list(qa)
@@ -53,7 +56,11 @@ class ExamplePool:
     def segmentation(self, index: int, rng: random.Random) -> Example:
         sample = self.refer[index]
         mask = sample.mask if sample.has_target else None
-        description = target_description(sample) if self.describe_targets else None
+        description = None
+        if self.describe_targets:  # memoised: finding the mask's centre is a full-image scan
+            if index not in self._descriptions:
+                self._descriptions[index] = target_description(sample)
+            description = self._descriptions[index]
         answer = segment_answer(sample.has_target, description)
         return Example(sample.image_path, segment_prompt(sample.sentence, rng), answer, mask,
                        self._objects(sample.image_id), focus=sample.mask)
@@ -117,10 +124,12 @@ class Collator:
     """
 
     def __init__(self, processor: Processor, head: MaskHead, patch_labels: dict[str, list[str]] | None = None,
-                 focus: bool = False) -> None:
+                 focus: bool = False, cache_mb: float = 0.0) -> None:
         self.processor = processor
         self.head = head
         self.focus = focus
+        # Memo of per-image inputs and placed masks (no augmentation changes them between epochs); 0 = off.
+        self.memo = BudgetMemo(int(cache_mb * 2**20))
         # family -> {class name: index (1-based; 0 = background)}, for ``patch_labels (B, F, S, S)``
         self.label_index = {f: {c: i + 1 for i, c in enumerate(names)} for f, names in (patch_labels or {}).items()}
 
@@ -128,10 +137,11 @@ class Collator:
         proc = self.processor
         rows, labels, pixels, targets, label_maps, focus = [], [], [], [], [], []
         for ex in examples:
-            px, box = proc.preprocess_image(load_image(ex.image_path))
+            px, box = self.memo.get(("image", ex.image_path), lambda: proc.preprocess_image(load_image(ex.image_path)))
             if self.label_index:
-                label_maps.append(self._label_maps(ex.objects, box))
-            target = proc.transform.mask_to_input(ex.mask, box) if ex.mask is not None else torch.zeros(proc.image_size, proc.image_size)
+                label_maps.append(self.memo.get(("labels", ex.image_path, len(ex.objects)),
+                                                lambda: self._label_maps(ex.objects, box).to(torch.int16)).long())
+            target = self._place(ex.image_path, ex.mask, box) if ex.mask is not None else torch.zeros(proc.image_size, proc.image_size)
             ids, lab = proc.encode_chat([{"role": "user", "content": ex.prompt}], ex.answer)
             ids, lab = self.head.expand_targets(ids, lab, target if ex.mask is not None else None)
             rows.append(ids)
@@ -144,7 +154,7 @@ class Collator:
                 elif ex.focus is ex.mask:  # a referring target: already placed
                     focus.append(target)
                 else:
-                    focus.append(proc.transform.mask_to_input(ex.focus, box))
+                    focus.append(self._place(ex.image_path, ex.focus, box))
         width = max(len(r) for r in rows)
         b = len(rows)
         input_ids = torch.full((b, width), proc.pad_token_id, dtype=torch.long)
@@ -168,6 +178,14 @@ class Collator:
             batch["focus_targets"] = torch.stack([blank if f is None else f for f in focus])
             batch["focus_valid"] = torch.tensor([f is not None for f in focus])
         return batch
+
+    def _place(self, image_path: Path, mask: np.ndarray, box) -> torch.Tensor:
+        """:meth:`ImageTransform.mask_to_input` of an original-size bool mask, memoised by the mask's content. The
+        placed mask is ``k / 255`` for a uint8 ``k`` (a resampled 8-bit mask), so the memo keeps ``k`` and this
+        returns the identical float ``(S, S)``."""
+        key = ("mask", image_path, mask.shape, hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest())
+        placed = self.memo.get(key, lambda: (self.processor.transform.mask_to_input(mask, box) * 255).round().to(torch.uint8))
+        return placed.float() / 255.0
 
     def _label_maps(self, objects: Sequence, box) -> torch.Tensor:
         """``(F, S, S)`` long pixel labels per family, placed like the letterboxed image: 0 = background, -100 =
