@@ -105,6 +105,9 @@ class ModelConfig:
     # With ground_layer: write the grounding back into the LM's stream (mmseg.modeling.grounding.GroundingGate) instead
     # of only supervising the hidden states there.
     ground_gate: bool = False
+    # With ground_gate: also write whether ANY cell matched (the gate's best cell) into the position right after the
+    # image, the evidence a refusal ("There is no such object") needs; see GroundingGate.
+    ground_presence: bool = False
 
     @property
     def head_name(self) -> str:

@@ -118,17 +118,19 @@ def test_bad_grounding_config_is_a_clear_error(options, message):
         tiny_model(model_options=options)
 
 
-def _gate_model(seed=0):
-    return tiny_model(seed=seed, model_options={"image_position": "after", "ground_layer": 1, "ground_gate": True})
+def _gate_model(seed=0, **options):
+    return tiny_model(seed=seed, model_options={"image_position": "after", "ground_layer": 1, "ground_gate": True,
+                                                **options})
 
 
-def test_a_new_gate_changes_nothing_and_a_trained_one_acts_the_same_cached_or_not(synthref_root):
+@pytest.mark.parametrize("presence", [False, True])
+def test_a_new_gate_changes_nothing_and_a_trained_one_acts_the_same_cached_or_not(synthref_root, presence):
     """focus starts at zero: same losses as the model without a gate. With focus set, greedy decoding through the KV
     cache equals recomputing the whole sequence (the gate runs on the prompt pass, never on later tokens), and the
     training forward sees the same gated prefix as generation."""
     from mmseg.generation import generate
 
-    gated, proc = _gate_model(seed=3)
+    gated, proc = _gate_model(seed=3, ground_presence=presence)
     plain, _ = tiny_model(seed=3, model_options={"image_position": "after"})
     plain.load_state_dict({k: v for k, v in gated.state_dict().items() if not k.startswith("grounder.")})
     ids, labels = proc.encode_chat([{"role": "user", "content": "the red circle"}], "Sure, <seg>.")
@@ -138,6 +140,8 @@ def test_a_new_gate_changes_nothing_and_a_trained_one_acts_the_same_cached_or_no
     with torch.no_grad():
         torch.testing.assert_close(gated(batch)["text_ce"], plain(batch)["text_ce"])
         gated.grounder.focus.normal_(0, 3.0)
+        if presence:
+            gated.grounder.presence.normal_(0, 3.0)
         assert not torch.allclose(gated(batch)["text_ce"], plain(batch)["text_ce"])
 
     prompt, _ = proc.encode_chat([{"role": "user", "content": "the red circle"}])
@@ -186,3 +190,32 @@ def test_focus_cells_mark_covered_cells_and_a_small_objects_best_cell():
     cells = focus_cells(focus, (2, 2))
     assert cells[0].tolist() == [[1, 0], [0, 0]] and cells[1].tolist() == [[0, 0], [0, 1]]
     assert focus_cells(torch.zeros(1, 8, 8), (2, 2)).sum() == 0
+
+
+def test_presence_writes_the_best_cells_evidence_right_after_the_image_only():
+    from mmseg.modeling.grounding import GroundingGate
+
+    torch.manual_seed(0)
+    gate = GroundingGate(16, layer=1, presence=True)
+    with torch.no_grad():
+        gate.presence.normal_()
+    hidden = torch.randn(3, 10, 16)
+    image = torch.zeros(3, 10, dtype=torch.bool)
+    image[0, 2:6] = True  # 2x2 grid; the position after it is 6
+    image[1, 4:8] = True  # after: 8
+    image[2, 6:10] = True  # the image ends the sequence: nothing after it to write to
+    out = gate.apply(hidden, image, (2, 2))
+    changed = (out - hidden).abs().sum(-1) > 0
+    expected = torch.zeros(3, 10, dtype=torch.bool)
+    expected[0, 6] = expected[1, 8] = True
+    assert torch.equal(changed, expected)  # focus is still zero: only the presence slot moved
+    p = gate.presence_probability()
+    for row, pos in ((0, 6), (1, 8)):
+        want = hidden[row, pos] + p[row] * gate.presence[1] + (1 - p[row]) * gate.presence[0]
+        torch.testing.assert_close(out[row, pos], want)
+    assert p.shape == (3,) and bool(((p > 0) & (p < 1)).all())
+
+
+def test_presence_without_a_gate_is_a_clear_error():
+    with pytest.raises(ValueError, match="ground_presence needs ground_gate"):
+        tiny_model(model_options={"image_position": "after", "ground_layer": 1, "ground_presence": True})

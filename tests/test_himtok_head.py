@@ -497,3 +497,75 @@ def test_latency_benchmark_puts_himtok_beside_stamp(tmp_path, monkeypatch, capsy
     result = json.loads(out.read_text())["himtok"]
     assert "RANDOMLY INITIALISED" in result["source"] and "RANDOMLY INITIALISED" in capsys.readouterr().out
     assert result["mask_tokens"] == 32 and result["codes_match"] and result["mask_ms_kv_cache"] > 0
+
+
+# -- the codebook adapter ------------------------------------------------------------------------------------
+def _adapted(tokenizer_dir: Path, seed: int = 0, model_options: dict | None = None):
+    torch.manual_seed(seed)
+    config = tiny_config("himtok", model_options, tokenizer=str(tokenizer_dir), codebook_adapter=True)
+    model, proc = build_model(config, build_tokenizer(config, CORPUS, vocab_size=300))
+    return model.eval(), proc
+
+
+def _randomise_adapter(model) -> None:
+    with torch.no_grad():
+        model.head.adapter.embed.weight.normal_()
+        model.head.adapter.predict.weight.normal_()
+
+
+def test_codebook_adapter_starts_silent_then_adds_the_code_geometry(himtok, tokenizer_dir):
+    plain, proc = himtok
+    adapted, _ = _adapted(tokenizer_dir)
+    missing, _ = adapted.load_state_dict(plain.state_dict(), strict=False)  # same backbone; the adapter stays zero
+    assert missing and all(k.startswith("head.adapter.") for k in missing)
+    batch = _batch(proc, plain.head, _square_mask())
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected_loss = plain(batch)["loss"]
+        torch.manual_seed(0)
+        torch.testing.assert_close(adapted(batch)["loss"], expected_loss)
+
+        _randomise_adapter(adapted)
+        head, output, embedding = adapted.head, adapted.lm.get_output_embeddings(), adapted.lm.get_input_embeddings()
+        codebook = head.mask_tokenizer.quantizer.normalized_codebook()
+        h = torch.randn(2, output.in_features)
+        expected = h @ output.weight.t()
+        expected[:, head.code_token_ids] += head.adapter.predict(h) @ codebook.t()
+        torch.testing.assert_close(output(h), expected)
+        ids = torch.tensor([[int(head.code_token_ids[5]), proc.seg_token_id]])
+        torch.testing.assert_close(embedding(ids)[0, 1], embedding.weight[proc.seg_token_id])  # text: untouched
+        torch.testing.assert_close(embedding(ids)[0, 0], embedding.weight[ids[0, 0]] + head.adapter.embed(codebook[5]))
+
+
+def test_codebook_adapter_round_trips(tokenizer_dir, tmp_path):
+    model, proc = _adapted(tokenizer_dir, seed=1)
+    _randomise_adapter(model)
+    batch = _batch(proc, model.head, _square_mask())
+    Segmenter(model, proc).save_pretrained(tmp_path)
+    loaded, _ = load_pretrained(tmp_path)
+    assert loaded.head.config.codebook_adapter
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = model(batch)["loss"]
+        torch.manual_seed(0)
+        torch.testing.assert_close(loaded(batch)["loss"], expected)
+
+
+def test_the_shaper_takes_over_a_gated_adapted_model_unchanged(tokenizer_dir):
+    """The shaper model reuses the HiMTok model's parts: its gate and codebook adapter act exactly once (the HiMTok
+    model's hooks are removed, the shaper's added), so the text loss is unchanged."""
+    from mmseg.modeling.heads.shaper import shaper_from_himtok
+
+    model, proc = _adapted(tokenizer_dir, seed=2,
+                           model_options={"image_position": "after", "ground_layer": 1, "ground_gate": True})
+    _randomise_adapter(model)
+    with torch.no_grad():
+        model.grounder.focus.normal_(0, 3.0)
+    batch = _batch(proc, model.head, _square_mask())
+    with torch.no_grad():
+        before = model(batch)["text_ce"]
+        shaper = shaper_from_himtok(model, proc).eval()
+        torch.testing.assert_close(shaper(batch)["text_ce"], before)
+    assert shaper.grounder is model.grounder
+    assert len(model.lm.get_output_embeddings()._forward_hooks) == 1
+    assert len(model.lm.get_decoder().layers[0]._forward_hooks) == 1

@@ -98,7 +98,10 @@ def build_model(config: ModelConfig, tokenizer, load_weights: bool = True, asset
             raise ValueError('ground_layer needs image_position "after": image positions must see the request')
         if not hasattr(lm.get_decoder(), "layers"):
             raise ValueError(f"ground_layer needs an LM whose decoder lists its layers ({type(lm).__name__} does not)")
-        grounder = (GroundingGate if config.ground_gate else GroundingProbe)(hidden, config.ground_layer)
+        if config.ground_presence and not config.ground_gate:
+            raise ValueError("ground_presence needs ground_gate: the presence is read off the gate's scores")
+        grounder = (GroundingGate(hidden, config.ground_layer, presence=config.ground_presence) if config.ground_gate
+                    else GroundingProbe(hidden, config.ground_layer))
     model = MMSegModel(config, vision, projector, lm, head, processor.image_token_id, merger=merger, probe=probe,
                        grounder=grounder)
     head.bind(processor, lm)

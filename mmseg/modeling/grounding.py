@@ -88,13 +88,22 @@ class GroundingGate(GroundingProbe):
     the image positions to have found the referent through attention first. The gate uses the same match: the
     logit is ``<K h_i, S h_r> / sqrt(d) + w . h_i``, where ``h_r`` is the position just before the image, which has
     read the whole request (image after text). The answer then finds the referent by looking for ``focus``.
+
+    With ``presence``, the gate also says whether anything matched: ``p = sigmoid(max_i logit_i)`` and
+    ``h_a += p * present + (1 - p) * absent`` at the position ``a`` right after the image (two learned vectors, zero
+    at the start). Why: a refusal must notice that NO cell lit up, and attention, which averages, is poor at
+    noticing an absence; measured on tiny-stamp with the gate alone (session 4), 61% of no-target requests got a
+    confident description of a similar object. Position ``a`` is always in the prompt, so training and a KV-cached
+    generation see the same stream, and every answer token can read it there.
     """
 
-    def __init__(self, hidden_size: int, layer: int, match_dim: int = 64) -> None:
+    def __init__(self, hidden_size: int, layer: int, match_dim: int = 64, presence: bool = False) -> None:
         super().__init__(hidden_size, layer)
         self.match_image = nn.Linear(hidden_size, match_dim)
         self.match_request = nn.Linear(hidden_size, match_dim)
         self.focus = nn.Parameter(torch.zeros(hidden_size))
+        # rows: absent, present
+        self.presence = nn.Parameter(torch.zeros(2, hidden_size)) if presence else None
 
     def logits(self, hidden: torch.Tensor, image_positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """``hidden (B, Q, D)`` after layer ``layer``; ``image_positions (B, Q)`` bool with ``gh*gw`` per row (the
@@ -114,4 +123,15 @@ class GroundingGate(GroundingProbe):
         logits = self.last_logits
         shift = logits.flatten(1).sigmoid()[..., None].to(hidden.dtype) * self.focus.to(hidden.dtype)  # (B, P, D)
         placed = torch.zeros_like(hidden).masked_scatter(image_positions[..., None].expand_as(hidden), shift)
+        if self.presence is not None:
+            b, q = image_positions.shape
+            after = q - image_positions.flip(1).int().argmax(1)  # (B,) one past each row's last image position
+            rows = (after < q).nonzero()[:, 0]
+            p = logits.flatten(1).max(1).values.sigmoid()[rows, None].to(hidden.dtype)  # (R, 1)
+            absent, present = self.presence.to(hidden.dtype)
+            placed = placed.index_put((rows, after[rows]), p * present + (1 - p) * absent, accumulate=True)
         return hidden + placed
+
+    def presence_probability(self) -> torch.Tensor | None:
+        """``(B,)`` the probability that anything matched in the last pass that held the image (max over cells)."""
+        return None if self.last_logits is None else self.last_logits.flatten(1).max(1).values.sigmoid()

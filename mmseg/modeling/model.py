@@ -57,10 +57,19 @@ class MMSegModel(nn.Module):
         self.grounder = grounder  # optional: the LM's image positions predict the answer's focus (training only)
         self.ground_weight = 1.0  # set by the trainer from its config
         self._image_positions: torch.Tensor | None = None  # (B, Q) for the decoder pass in flight (the grounder's hook)
+        self._hooks = []
         if grounder is not None:
             # The grounder reads (and a gate writes) the LM's stream after its layer; a hook keeps any
             # AutoModelForCausalLM unmodified.
-            self.decoder.layers[grounder.layer - 1].register_forward_hook(self._ground_hook)
+            self._hooks.append(self.decoder.layers[grounder.layer - 1].register_forward_hook(self._ground_hook))
+
+    def unhook(self) -> None:
+        """Take this model's and its head's hooks off the LM, for a new model built on the same parts (the shaper
+        on a HiMTok model); this model must not be used afterwards."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self.head.unhook()
 
     @property
     def decoder(self) -> nn.Module:

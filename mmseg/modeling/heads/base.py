@@ -75,6 +75,9 @@ class MaskHead(nn.Module):
         self.seg_token_id = processor.seg_token_id
         self.mask_point_token_id = processor.seg_token_id
 
+    def unhook(self) -> None:
+        """Remove any hooks :meth:`bind` put on the LM (another head is taking the LM over). Default: none."""
+
     def expand_targets(self, input_ids: list[int], labels: list[int], mask: torch.Tensor | None) -> tuple[list[int], list[int]]:
         """Training: rewrite one sample's ids/labels where ``<seg>`` stands. ``mask`` is ``(S, S)`` in {0,1} or None."""
         return input_ids, labels

@@ -340,9 +340,15 @@ def shaper_from_himtok(model: "MMSegModel", processor: Any, options: dict[str, A
     hidden = model.lm.config.get_text_config().hidden_size
     head = build_head(merged, hidden_size=hidden, image_size=model.vision.image_size, grid_size=model.vision.grid_size,
                       asset_dir=asset_dir)
+    model.unhook()  # the new model re-adds the grounder's hook, the new head the adapter's (same weights, below)
     head.bind(processor, model.lm)
+    if model.head.adapter is not None:
+        head.adapter.load_state_dict(model.head.adapter.state_dict())
     config = dataclasses.replace(model.config, head=merged)
-    shaper = MMSegModel(config, model.vision, model.projector, model.lm, head, model.image_token_id, merger=model.merger)
+    # The grounder and probe come along: a gated backbone without its gate would be another model (and its
+    # checkpoint would not load).
+    shaper = MMSegModel(config, model.vision, model.projector, model.lm, head, model.image_token_id, merger=model.merger,
+                        probe=model.probe, grounder=model.grounder)
     return shaper.to(model.device)
 
 
