@@ -106,7 +106,8 @@ class ModelConfig:
     # of only supervising the hidden states there.
     ground_gate: bool = False
     # With ground_gate: also write whether ANY cell matched (the gate's best cell) into the position right after the
-    # image, the evidence a refusal ("There is no such object") needs; see GroundingGate.
+    # image, the evidence a refusal ("There is no such object") needs; see GroundingGate. Not yet measured on its own
+    # (session 5 tried it only together with HiMTok's codebook adapter), so no preset turns it on.
     ground_presence: bool = False
 
     @property

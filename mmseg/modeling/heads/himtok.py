@@ -135,6 +135,13 @@ class CodebookAdapter(torch.nn.Module):
     against 6.9 for chance). Through ``B`` the LM instead predicts a point in the ``code_dim``-dimensional code
     space, and every code gets credit by its similarity to the target: a regression with 12 outputs in place of a
     1,024-way classification.
+
+    Measured (session 5, tiny-himtok + this adapter + ``ground_presence``, against the preset, same data and
+    seed): teacher-forced losses fell much faster (at 2,000 steps text CE 2.38 against 2.74, mask Dice term 0.046
+    against 0.055), but cIoU with the model's own answers was WORSE (0.050 against 0.157 at 2,000 steps): the LM
+    leaned on the previous codes' geometry, which it reads exactly when teacher-forced, and in free decoding
+    several requests collapsed onto one code sequence. Off in the presets until paired with a remedy for that
+    exposure bias (e.g. corrupting input codes during training).
     """
 
     def __init__(self, hidden_size: int, code_dim: int) -> None:
