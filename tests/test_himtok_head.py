@@ -569,3 +569,18 @@ def test_the_shaper_takes_over_a_gated_adapted_model_unchanged(tokenizer_dir):
     assert shaper.grounder is model.grounder
     assert len(model.lm.get_output_embeddings()._forward_hooks) == 1
     assert len(model.lm.get_decoder().layers[0]._forward_hooks) == 1
+
+
+def test_code_input_noise_corrupts_inputs_only(tokenizer_dir):
+    model, proc = _model(tokenizer_dir, code_input_noise=1.0)
+    head = model.head
+    ids, labels = proc.encode_chat([{"role": "user", "content": "the red circle"}], "Sure, <seg>.")
+    torch.manual_seed(0)
+    new_ids, new_labels = head.expand_targets(ids, labels, _square_mask())
+    start = new_ids.index(head.mt_start_id)
+    true_codes = head.mask_tokenizer.encode(_square_mask()).tolist()
+    assert [head._code_of[t] for t in new_labels[start + 1 : start + 1 + K]] == true_codes  # labels stay true
+    inputs = [head._code_of[t] for t in new_ids[start + 1 : start + 1 + K]]
+    assert sum(a != b for a, b in zip(inputs, true_codes)) > K // 2  # inputs are random codes (a few may coincide)
+    assert new_ids[start] == head.mt_start_id and new_ids[start + K + 1] == head.mt_end_id
+    assert new_ids[:start] == ids[:start] and new_labels[:start] == labels[:start]

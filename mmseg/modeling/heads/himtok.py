@@ -87,6 +87,10 @@ class HiMTokConfig:
     # ``A c_j`` and their logits ``<B h, c_j>``, with ``c_j`` the frozen tokenizer's normalised code vectors, so
     # codes that decode alike are read and predicted alike from the first step. Off: free rows only, as HiMTok.
     codebook_adapter: bool = False
+    # Training only: this share of the code tokens in an answer's INPUT is swapped for random codes (their labels stay
+    # true), so that the LM learns to predict the next code from the image and the request rather than by continuing
+    # the previous codes, which are exact when teacher-forced and wrong in free decoding (exposure bias).
+    code_input_noise: float = 0.0
 
 
 def code_token(index: int, codebook_size: int) -> str:
@@ -294,11 +298,17 @@ class HiMTokHead(MaskHead):
             raise ValueError("the answer has <seg> but the sample has no mask to encode")
         codes = self.codes_of(mask)
         span = [self.mt_start_id, *(self._code_token_list[c] for c in codes), self.mt_end_id]
+        noisy = span
+        if self.config.code_input_noise > 0:
+            swap = torch.rand(len(codes)) < self.config.code_input_noise
+            random_codes = torch.randint(self.codebook_size, (len(codes),))
+            noisy = [self.mt_start_id, *(self._code_token_list[int(r)] if w else self._code_token_list[c]
+                                         for c, w, r in zip(codes, swap.tolist(), random_codes.tolist())), self.mt_end_id]
         ids_out: list[int] = []
         labels_out: list[int] = []
         for token, label in zip(input_ids, labels):
             if token == seg and label != -100:
-                ids_out += span
+                ids_out += noisy
                 labels_out += span
             else:
                 ids_out.append(token)
