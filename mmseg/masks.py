@@ -58,6 +58,16 @@ def _as_bool_mask(mask: Any, name: str = "mask") -> np.ndarray:
     return arr if arr.dtype == np.bool_ else arr > 0
 
 
+def mask_digest(mask: Any) -> bytes:
+    """A content key of a mask ``(H, W)`` (bool, or float/uint8 binarised at 0.5; array or tensor): equal keys mean
+    equal binary masks of equal shape. For memoising work done per mask."""
+    import hashlib
+
+    m = np.asarray(mask.detach().cpu() if hasattr(mask, "detach") else mask)
+    binary = m if m.dtype == bool else m > 0.5
+    return hashlib.blake2b(np.packbits(binary).tobytes(), digest_size=16).digest() + repr(binary.shape).encode()
+
+
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     """Encode a bool (H, W) mask as COCO RLE ``{"size": [H, W], "counts": str}``.
 

@@ -53,6 +53,10 @@ class BudgetMemo:
             self.used += size
         return value
 
+    def clear(self) -> None:
+        self._store.clear()
+        self.used = 0
+
     def __len__(self) -> int:
         return len(self._store)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from mmseg.data.cache import BudgetMemo
 from mmseg.data.prompts import LIST_TEMPLATES, list_objects_answer, segment_answer, segment_prompt, target_description
 from mmseg.imageio import load_image
+from mmseg.masks import mask_digest
 from mmseg.modeling.heads.base import MaskHead
 from mmseg.processing import Processor
 
@@ -183,7 +183,7 @@ class Collator:
         """:meth:`ImageTransform.mask_to_input` of an original-size bool mask, memoised by the mask's content. The
         placed mask is ``k / 255`` for a uint8 ``k`` (a resampled 8-bit mask), so the memo keeps ``k`` and this
         returns the identical float ``(S, S)``."""
-        key = ("mask", image_path, mask.shape, hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest())
+        key = ("mask", image_path, mask_digest(mask))
         placed = self.memo.get(key, lambda: (self.processor.transform.mask_to_input(mask, box) * 255).round().to(torch.uint8))
         return placed.float() / 255.0
 

@@ -32,7 +32,6 @@ Mask tokenizer location: a checkpoint keeps it in ``<checkpoint>/mask_tokenizer/
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import numbers
 import re
@@ -40,10 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmseg.data.cache import BudgetMemo
+from mmseg.masks import mask_digest
 from mmseg.modeling.heads.base import MaskHead, MaskPrediction, register_head
 from mmseg.modeling.losses import bce_loss, dice_loss, downsample_targets, gaussian_blur
 from mmseg.modeling.mask_tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
@@ -161,7 +161,6 @@ class HiMTokHead(MaskHead):
     name = "himtok"
     config_cls = HiMTokConfig
     option_names: tuple[str, ...] = ("keep_tokens",)  # per-call options; subclasses extend (check_options)
-    CODE_CACHE_SIZE = 500_000  # memoised target encodings (about 0.5 KB each)
 
     def __init__(self, config: HiMTokConfig, hidden_size: int, image_size: int, grid_size: tuple[int, int],
                  asset_dir: Path | None = None) -> None:
@@ -193,7 +192,7 @@ class HiMTokHead(MaskHead):
         self._frozen = [tokenizer]
         self.num_tokens = found.num_tokens
         self.codebook_size = found.codebook_size
-        self._code_cache: dict[bytes, list[int]] = {}  # binarised target -> codes (see codes_of)
+        self._code_cache = BudgetMemo(256 * 2**20)  # binarised target -> codes (see codes_of)
         self.adapter = CodebookAdapter(hidden_size, found.code_dim) if config.codebook_adapter else None
 
     @property
@@ -301,9 +300,8 @@ class HiMTokHead(MaskHead):
         noisy = span
         if self.config.code_input_noise > 0:
             swap = torch.rand(len(codes)) < self.config.code_input_noise
-            random_codes = torch.randint(self.codebook_size, (len(codes),))
-            noisy = [self.mt_start_id, *(self._code_token_list[int(r)] if w else self._code_token_list[c]
-                                         for c, w, r in zip(codes, swap.tolist(), random_codes.tolist())), self.mt_end_id]
+            inputs = torch.where(swap, torch.randint(self.codebook_size, (len(codes),)), torch.tensor(codes)).tolist()
+            noisy = [self.mt_start_id, *(self._code_token_list[c] for c in inputs), self.mt_end_id]
         ids_out: list[int] = []
         labels_out: list[int] = []
         for token, label in zip(input_ids, labels):
@@ -319,14 +317,7 @@ class HiMTokHead(MaskHead):
         """The K code ids of a target ``mask (S, S)`` in [0, 1], memoised: the tokenizer is frozen and encoding is
         deterministic, and the training loop meets each ground-truth mask once per epoch. Keyed by the binarised
         mask's bytes (what the encoder sees), so a cache hit can never return another mask's codes."""
-        binary = np.packbits((torch.as_tensor(mask) > 0.5).cpu().numpy())
-        key = hashlib.blake2b(binary.tobytes(), digest_size=16).digest() + bytes(str(tuple(mask.shape)), "ascii")
-        codes = self._code_cache.get(key)
-        if codes is None:
-            codes = self.mask_tokenizer.encode(mask > 0.5).tolist()
-            if len(self._code_cache) < self.CODE_CACHE_SIZE:
-                self._code_cache[key] = codes
-        return codes
+        return self._code_cache.get(mask_digest(mask), lambda: self.mask_tokenizer.encode(mask > 0.5).tolist())
 
     def sample_prefixes(self, n: int) -> torch.Tensor:
         """``(n, P)`` distinct prefix lengths per mask from ``1..K-1`` with ``p(k) ~ 1 / (k + prefix_offset)``."""
