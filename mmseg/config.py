@@ -48,6 +48,10 @@ class VisionConfig:
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    # Tiny open_clip ViTs only: "patch" embeds each patch with one linear map (the ViT default); "conv" uses a
+    # stack of stride-2 3x3 convolutions (Xiao et al. 2021, "Early convolutions help transformers see better"),
+    # which learns shape far faster from scratch (see mmseg.modeling.vision.ConvStem).
+    stem: str = "patch"
     feature_layer: int = -1  # hf towers: which hidden state to read (-2 = penultimate, as LLaVA)
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)

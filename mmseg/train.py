@@ -22,6 +22,7 @@ from mmseg.data.collate import Collator, ExamplePool
 from mmseg.data.prompts import LIST_TEMPLATES, NO_TARGET_ANSWER, REGION_PHRASES, SEGMENT_TEMPLATES, TARGET_ANSWER
 from mmseg.data.refer import ReferDataset, read_qa
 from mmseg.modeling.builder import build_model, build_tokenizer, is_checkpoint, load_pretrained
+from mmseg.modeling.model import MMSegModel
 from mmseg.perf import count_flops, matmul_peak_gflops
 
 STATE_DIR = "train_state"
@@ -58,6 +59,25 @@ def lr_at(step: int, progress: float, base: float, warmup: int, min_ratio: float
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@torch.no_grad()
+def probe_accuracy(model: MMSegModel, collate: Collator, pool: ExamplePool, indices: list[int],
+                   batch_size: int = 32) -> dict[str, float]:
+    """Share of object patches whose attribute (shape, colour, ...) the model's patch probe names correctly, per
+    family, over the images of ``pool``'s samples at ``indices``: what the image features know, apart from
+    whether the LM reads them."""
+    counts: dict[str, list[int]] = {}
+    rng = random.Random(0)
+    for start in range(0, len(indices), batch_size):
+        batch = collate([pool.segmentation(i, rng) for i in indices[start : start + batch_size]])
+        features = model.image_features(batch["pixel_values"].to(model.device))
+        scores = model.probe.object_accuracy(features, batch["patch_labels"].to(model.device), model.vision.grid_size)
+        for family, (correct, total) in scores.items():
+            tally = counts.setdefault(family, [0, 0])
+            tally[0] += correct
+            tally[1] += total
+    return {family: correct / max(1, total) for family, (correct, total) in counts.items()}
+
+
 def plot_curve(history: list[dict], path: Path) -> None:
     """Loss and validation metrics against step, one PNG."""
     import matplotlib
@@ -75,7 +95,8 @@ def plot_curve(history: list[dict], path: Path) -> None:
                 ax1.plot([h["step"] for h in train], [h[key] for h in train], label=key, alpha=0.7)
         ax1.set_yscale("log")
     ax1.set_xlabel("step"), ax1.set_title("training loss"), ax1.legend()
-    for key in ("val_ciou", "val_giou", "val_no_target_acc", "val_qa_exact_match"):
+    probes = sorted({k for h in val for k in h if k.startswith("val_probe_")})
+    for key in ("val_ciou", "val_giou", "val_no_target_acc", "val_qa_exact_match", *probes):
         pts = [(h["step"], h[key]) for h in val if h.get(key) is not None]
         if pts:
             ax2.plot(*zip(*pts), marker="o", label=key[4:])
@@ -186,6 +207,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
         accelerator.wait_for_everyone()
 
     val_indices = list(range(0, len(val_set), max(1, len(val_set) // cfg.eval_samples)))[: cfg.eval_samples]
+    val_pool = ExamplePool(val_set, [], image_root, describe_targets=False, with_objects=True)
 
     def validate() -> dict:
         metrics: dict = {}
@@ -196,10 +218,12 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
             with accelerator.autocast():
                 refer = evaluate_refer(segmenter, val_set, val_indices, batch_size=32)
                 qa = evaluate_qa(segmenter, val_qa[: cfg.eval_samples // 2], image_root, batch_size=32)
+                seen = probe_accuracy(unwrapped, collate, val_pool, val_indices) if unwrapped.probe is not None else {}
             unwrapped.train()
             metrics = {"val_ciou": refer["ciou"], "val_giou": refer["giou"], "val_no_target_acc": refer["no_target_acc"],
                        "val_qa_exact_match": qa["qa_exact_match"],
-                       "val_by_type": {k: round(v["ciou"], 4) for k, v in refer["by_type"].items()}}
+                       "val_by_type": {k: round(v["ciou"], 4) for k, v in refer["by_type"].items()},
+                       **{f"val_probe_{family}": round(acc, 4) for family, acc in seen.items()}}
         accelerator.wait_for_everyone()
         return metrics
 

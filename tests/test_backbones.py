@@ -73,3 +73,28 @@ def test_unknown_vision_kind_and_architecture():
         build_vision_tower(VisionConfig(kind="timm"))
     with pytest.raises(ValueError, match="open_clip could not build"):
         build_vision_tower(VisionConfig(kind="open_clip", name="ViT-Nope-1"))
+
+
+def test_conv_stem_tower_gives_the_patch_grid_and_sees_across_patch_borders():
+    config = VisionConfig(kind="open_clip", image_size=64, patch_size=16, width=32, layers=1, heads=2, stem="conv")
+    torch.manual_seed(0)
+    tower = build_vision_tower(config).eval()
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    out = tower(x)
+    assert out.shape == (2, 16, 32) and torch.isfinite(out).all()
+    # The stem's own output for patch (0, 0) depends on pixels of the neighbouring patch (a linear patch
+    # embedding's would not): the receptive field crosses the border.
+    stem_out = tower.visual.conv1(x)
+    assert stem_out.shape == (2, 32, 4, 4)
+    (grad,) = torch.autograd.grad(stem_out[0, :, 0, 0].sum(), x)
+    assert grad[0, :, :16, 16:].abs().sum() > 0 and grad[1].abs().sum() == 0
+
+
+def test_bad_stems_are_clear_errors():
+    with pytest.raises(ValueError, match=r"unknown vision stem 'resnet'.*'patch', 'conv'"):
+        build_vision_tower(VisionConfig(kind="open_clip", stem="resnet"))
+    with pytest.raises(ValueError, match="tiny open_clip towers"):
+        build_vision_tower(VisionConfig(kind="open_clip", name="ViT-S-32", stem="conv"))
+    with pytest.raises(ValueError, match="power-of-two patch size"):
+        build_vision_tower(VisionConfig(kind="open_clip", image_size=60, patch_size=12, width=32, layers=1, heads=2,
+                                        stem="conv"))

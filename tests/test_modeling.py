@@ -6,7 +6,7 @@ import torch
 
 from mmseg.modeling.builder import CheckpointError, build_model, load_pretrained
 from mmseg.modeling.model import causal_text_attention
-from tiny import tiny_model
+from tiny import tiny_config, tiny_model
 
 
 def _batch(model, proc, masks=True):
@@ -67,8 +67,9 @@ def test_mask_queries_do_not_change_text_losses():
         assert torch.allclose(model(batch)["text_ce"], with_queries)
 
 
-def test_save_and_reload_identical(tmp_path):
-    model, proc = tiny_model()
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_save_and_reload_identical(tmp_path, stem):
+    model, proc = tiny_model(model_options={"vision": dataclasses.replace(tiny_config().vision, stem=stem)})
     model.save_pretrained(tmp_path)
     proc.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -160,14 +161,14 @@ def test_projector_norm_matches_the_embedding_scale_and_merger_shortens_the_pref
 def test_merge_that_does_not_divide_the_grid_is_a_clear_error():
     import pytest
 
-    from tiny import tiny_model
+    from tiny import tiny_config, tiny_model
 
     with pytest.raises(ValueError, match="image_merge=3 must divide the patch grid"):
         tiny_model(model_options={"image_merge": 3})
 
 
 def test_merged_prefix_trains_under_bf16_autocast():
-    from tiny import tiny_model
+    from tiny import tiny_config, tiny_model
 
     model, processor = tiny_model(model_options={"projector_norm": True, "image_merge": 2})
     model.train()

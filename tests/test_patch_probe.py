@@ -67,3 +67,24 @@ def test_examples_without_objects_are_ignored_not_background(synthref_root):
     pool = ExamplePool(ds, [], ds.image_root, with_objects=False)
     batch = Collator(proc, model.head, patch_labels=FAMILIES)([pool.draw(random.Random(0), 0.0)])
     assert bool((batch["patch_labels"] == IGNORE).all())
+
+
+def test_probe_reads_features_at_any_scale_and_scores_object_patches():
+    """The probe normalises its input: an LM trained from scratch starts with tiny embeddings (and projected
+    features to match), which would otherwise keep the probe's logits flat for thousands of steps."""
+    from mmseg.modeling.patch_probe import PatchProbe
+
+    torch.manual_seed(0)
+    probe = PatchProbe(8, {"kind": ["a", "b"]})
+    features = torch.randn(2, 4, 8)
+    labels = torch.zeros(2, 1, 4, 4, dtype=torch.long)  # 2x2 grid of 2x2-pixel patches
+    labels[:, 0, :2, :2] = 1
+    labels[1, 0, 2:, 2:] = 2
+    torch.testing.assert_close(probe.loss(features * 0.1, labels, (2, 2)), probe.loss(features, labels, (2, 2)),
+                               rtol=2e-3, atol=0)
+    correct, total = probe.object_accuracy(features, labels, (2, 2))["kind"]
+    assert total == 3 and 0 <= correct <= 3  # object patches only: (0,0) in both images, (1,1) in the second
+    with torch.no_grad():  # a probe that always answers "a" is right on exactly the two class-1 patches
+        probe.heads["kind"].weight.zero_()
+        probe.heads["kind"].bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    assert probe.object_accuracy(features, labels, (2, 2))["kind"] == (2, 3)
