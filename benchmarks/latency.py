@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="checkpoints/synthref-himtok/mask_tokenizer",
                         help="mask tokenizer for a HiMTok head on the STAMP backbone (random when missing)")
     parser.add_argument("--image", default="examples/synthref_0.png")
-    parser.add_argument("--query", default="Please segment the red circle.")
+    parser.add_argument("--query", default="Please segment the cross.", help="a query whose object is in --image")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", default="benchmarks/results/latency.json")
     args = parser.parse_args()

@@ -161,6 +161,10 @@ class TrainConfig:
     # Target answers name the referred object before <seg> ("Sure, the red circle on the left <seg>.").
     describe_targets: bool = True
     patch_label_weight: float = 0.5  # weight of the patch-probe loss when the model has one
+    # With a patch probe: the factor on the gradient that the LM and the mask head send back into the image
+    # features (the probe's own gradient is unscaled). Their large, noisy gradients swamp AdamW's per-parameter
+    # step for the vision tower, which then never learns shape (see PatchProbe).
+    vision_grad_scale: float = 1.0
     ground_weight: float = 1.0  # weight of the grounding-probe loss when the model has one (ModelConfig.ground_layer)
     # Share of "Describe the objects in the image." samples (every object in reading order): teaches the LM to
     # read its image tokens by position before it must find them by content.

@@ -162,6 +162,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
                        with_objects=model.probe is not None)
     model.probe_weight = cfg.patch_label_weight
     model.ground_weight = cfg.ground_weight
+    model.vision_grad_scale = cfg.vision_grad_scale
 
     # Frozen parameters (e.g. a head's frozen parts) stay out of the optimizer, so weight decay never moves them.
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

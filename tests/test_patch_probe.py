@@ -88,3 +88,27 @@ def test_probe_reads_features_at_any_scale_and_scores_object_patches():
         probe.heads["kind"].weight.zero_()
         probe.heads["kind"].bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
     assert probe.object_accuracy(features, labels, (2, 2))["kind"] == (2, 3)
+
+
+def test_vision_grad_scale_scales_what_lm_and_head_send_to_the_tower_not_the_probe(synthref_root):
+    """``vision_grad_scale = 0``: the tower learns from the probe alone, and the forward pass is unchanged."""
+    model, proc = tiny_model(model_options={"patch_labels": FAMILIES})
+    model.train()
+    ds = ReferDataset(synthref_root, "synthref", "unc", "train")
+    pool = ExamplePool(ds, [], ds.image_root, with_objects=True)
+    batch = Collator(proc, model.head, patch_labels=FAMILIES)([pool.draw(random.Random(1), 0.0) for _ in range(3)])
+
+    def tower_grad(scale: float, only_probe: bool = False):
+        model.zero_grad()
+        model.vision_grad_scale = scale
+        losses = model(batch)
+        (losses["patch_probe"] if only_probe else losses["loss"]).backward()
+        return losses, model.vision.visual.conv1.weight.grad.clone()
+
+    full, g_full = tower_grad(1.0)
+    cut, g_cut = tower_grad(0.0)
+    _, g_probe = tower_grad(1.0, only_probe=True)
+    for key in full:
+        torch.testing.assert_close(full[key], cut[key])
+    torch.testing.assert_close(g_cut, g_probe)
+    assert not torch.allclose(g_full, g_probe)

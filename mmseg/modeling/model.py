@@ -56,6 +56,7 @@ class MMSegModel(nn.Module):
         self.probe_weight = 0.5  # set by the trainer from its config
         self.grounder = grounder  # optional: the LM's image positions predict the answer's focus (training only)
         self.ground_weight = 1.0  # set by the trainer from its config
+        self.vision_grad_scale = 1.0  # set by the trainer from its config
         self._image_positions: torch.Tensor | None = None  # (B, Q) for the decoder pass in flight (the grounder's hook)
         self._hooks = []
         if grounder is not None:
@@ -149,10 +150,17 @@ class MMSegModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         input_ids, attention = batch["input_ids"], batch["attention_mask"]
         b, t = input_ids.shape
-        embeds, features = self.embed_inputs(input_ids, batch["pixel_values"])
+        features = self.image_features(batch["pixel_values"])
+        if self.probe is not None and self.vision_grad_scale != 1.0:
+            # What the LM and the head pass back into the image features is scaled down; the probe's is not (see
+            # TrainConfig.vision_grad_scale). Same values forward.
+            shared = features.detach() + self.vision_grad_scale * (features - features.detach())
+        else:
+            shared = features
+        embeds, _ = self.embed_inputs(input_ids, features=shared)
         rows = causal_text_attention(attention)  # (B, T, T)
         positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
-        extra = self.head.extra_inputs(batch, features)
+        extra = self.head.extra_inputs(batch, shared)
         if extra is not None:
             q = extra.embeds.shape[1]
             rows = torch.cat([F.pad(rows, (0, q), value=False), extra.attention], dim=1)  # text never sees extras
