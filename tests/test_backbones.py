@@ -98,3 +98,17 @@ def test_bad_stems_are_clear_errors():
     with pytest.raises(ValueError, match="power-of-two patch size"):
         build_vision_tower(VisionConfig(kind="open_clip", image_size=60, patch_size=12, width=32, layers=1, heads=2,
                                         stem="conv"))
+
+
+def test_open_clip_tower_gives_the_same_tokens_with_and_without_grad():
+    """Training on a CPU runs the tower's attention with the math kernel (faster backward), inference with the
+    default one: the two must agree."""
+    config = VisionConfig(kind="open_clip", image_size=64, patch_size=16, width=32, layers=2, heads=2)
+    torch.manual_seed(0)
+    tower = build_vision_tower(config).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        inference = tower(x)
+    training = tower(x)
+    assert training.requires_grad
+    torch.testing.assert_close(training.detach(), inference, rtol=1e-4, atol=1e-5)

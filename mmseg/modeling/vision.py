@@ -127,7 +127,16 @@ class OpenClipTower(VisionTower):
         return cls(model.visual, config.image_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        _, tokens = self.visual(pixel_values)
+        if pixel_values.device.type == "cpu" and torch.is_grad_enabled():
+            # PyTorch's CPU flash-attention backward is slow at a ViT's short sequences: measured on the tiny-stamp
+            # tower (65 tokens, batch 32, bf16 autocast), forward + backward took 145 ms with the default kernel and
+            # 117 ms with the math kernel. Inference (no grad) keeps the default, which is faster there.
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.MATH]):
+                _, tokens = self.visual(pixel_values)
+        else:
+            _, tokens = self.visual(pixel_values)
         return tokens  # (B, P, width)
 
 
