@@ -12,9 +12,12 @@ The rest of the model only knows :class:`VisionTower`'s attributes (``grid_size`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmseg.config import VisionConfig
 
@@ -127,15 +130,11 @@ class OpenClipTower(VisionTower):
         return cls(model.visual, config.image_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.device.type == "cpu" and torch.is_grad_enabled():
-            # PyTorch's CPU flash-attention backward is slow at a ViT's short sequences: measured on the tiny-stamp
-            # tower (65 tokens, batch 32, bf16 autocast), forward + backward took 145 ms with the default kernel and
-            # 117 ms with the math kernel. Inference (no grad) keeps the default, which is faster there.
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel([SDPBackend.MATH]):
-                _, tokens = self.visual(pixel_values)
-        else:
+        # PyTorch's CPU flash-attention backward is slow at a ViT's short sequences: measured on the tiny-stamp
+        # tower (65 tokens, batch 32, bf16 autocast), forward + backward took 145 ms with the default kernel and
+        # 117 ms with the math kernel. Inference (no grad) keeps the default, which is faster there.
+        training_on_cpu = pixel_values.device.type == "cpu" and torch.is_grad_enabled()
+        with sdpa_kernel([SDPBackend.MATH]) if training_on_cpu else contextlib.nullcontext():
             _, tokens = self.visual(pixel_values)
         return tokens  # (B, P, width)
 
