@@ -56,11 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(0)
         model, processor = build_model(config, tokenizer)
         model.train()
-        collate = Collator(processor, model.head, patch_labels=config.patch_labels, focus=model.grounder is not None)
+        collate = Collator(processor, model.head, patch_labels=model.probe.families if model.probe else None,
+                           size_bins=config.patch_size_bins, focus=model.grounder is not None)
         runs[impl] = {"model": model, "collate": collate, "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-4),
                       "times": {p: [] for p in PARTS}}
     pool = ExamplePool(train_set, qa, train_set.image_root, describe_targets=cfg.describe_targets,
-                       with_objects=bool(preset.model.patch_labels))
+                       with_objects=model.probe is not None)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
 
     for step in range(args.steps + 1):

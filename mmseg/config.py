@@ -103,6 +103,11 @@ class ModelConfig:
     # e.g. {"kind": ["circle", ...], "color": ["red", ...]}; "kind" reads the annotation's category, any other
     # family the annotation's ``attributes[family]``. Empty = off.
     patch_labels: dict[str, list[str]] = field(default_factory=dict)
+    # Adds a "size" family to the patch probe, derived from any object mask (no annotation needed): the class of a
+    # patch is the bin of its object's equal-area radius, sqrt(area / image area), cut at these increasing edges
+    # (len + 1 classes). Why: "the smaller circle" and "the biggest one" compare sizes, and the tower learns size
+    # no faster than it learned shape without a dense signal. Empty = off.
+    patch_size_bins: list[float] = field(default_factory=list)
     # Grounding probe (see mmseg.modeling.grounding): after this many LM layers, the image positions predict where
     # the answer's focus lies (needs image_position "after"). None = off.
     ground_layer: int | None = None
@@ -113,6 +118,11 @@ class ModelConfig:
     # image, the evidence a refusal ("There is no such object") needs; see GroundingGate. Not yet measured on its own
     # (session 5 tried it only together with HiMTok's codebook adapter), so no preset turns it on.
     ground_presence: bool = False
+    # How image positions attend to each other in the LM: "causal" (LLaVA: raster order, a cell sees only the cells
+    # before it) or "bidirectional" (prefix-LM style, as PaliGemma: every cell sees every cell, so a cell can
+    # compare itself with objects right of or below it; text stays causal). The prefill builds the same mask, so
+    # KV-cached generation sees what training saw.
+    image_attention: str = "causal"
 
     @property
     def head_name(self) -> str:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mmseg.modeling.heads.base import MaskPrediction
-from mmseg.modeling.model import MMSegModel
+from mmseg.modeling.model import MMSegModel, open_image_block
 
 
 def _ms(start: float) -> float:
@@ -67,11 +67,14 @@ class DecodeSession:
 
     def feed(self, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
              image_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Append ``embeds (B, n, D)`` to the cache, causal among themselves; returns hidden ``(B, n, D)``.
+        """Append ``embeds (B, n, D)`` to the cache, causal among themselves (image positions see each other when the
+        model's ``image_attention`` is "bidirectional"); returns hidden ``(B, n, D)``.
         ``image_positions (B, n)`` bool marks image tokens among them (the prompt's)."""
         n = embeds.shape[1]
         new = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()[None] & valid[:, None, :]
         new = new | torch.eye(n, dtype=torch.bool, device=self.device)[None]
+        if image_positions is not None and self.model.bidirectional_image:
+            new = open_image_block(new, image_positions)
         old = self.cache_valid[:, None, :].expand(-1, n, -1)
         hidden = self._run(embeds, torch.cat([old, new], dim=-1)[:, None], positions, image_positions)
         self.cache_valid = torch.cat([self.cache_valid, valid], dim=1)

@@ -156,7 +156,8 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     else:
         tokenizer = build_tokenizer(preset.model, text_corpus(train_set, train_qa), cfg.vocab_size)
         model, processor = build_model(preset.model, tokenizer)
-    collate = Collator(processor, model.head, patch_labels=model.config.patch_labels, focus=model.grounder is not None,
+    collate = Collator(processor, model.head, patch_labels=model.probe.families if model.probe else None,
+                       size_bins=model.config.patch_size_bins, focus=model.grounder is not None,
                        cache_mb=cfg.cache_mb)
     pool = ExamplePool(train_set, train_qa, image_root, describe_targets=cfg.describe_targets,
                        with_objects=model.probe is not None)

@@ -40,7 +40,7 @@ from torch import nn
 from mmseg.config import LMConfig, Preset, VisionConfig
 from mmseg.data.prompts import SEGMENT_TEMPLATES, segment_answer, target_description
 from mmseg.modeling.heads.shaper import ShaperConfig, ShaperHead, shaper_from_himtok
-from mmseg.modeling.model import CONFIG_FILE, MMSegModel, causal_text_attention
+from mmseg.modeling.model import CONFIG_FILE, MMSegModel
 from mmseg.modeling.shaper.invoker import group_advantages, reinforce_loss
 from mmseg.train import CURVE_FILE, HISTORY_FILE, STATE_DIR, lr_at
 
@@ -109,7 +109,7 @@ class ShapingObjective(nn.Module):
         b, t = ids.shape
         k = head.num_tokens
         positions = torch.arange(t, device=ids.device)[None].expand(b, t)
-        rows_attention = causal_text_attention(attention)[:, None]
+        rows_attention = model.text_attention(attention, ids == model.image_token_id)[:, None]
         with torch.no_grad():  # the frozen model's teacher-forced pass: where the shaper reads its states
             embeds, _ = model.embed_inputs(ids, batch["pixel_values"])
             hidden = model.run_decoder(embeds, rows_attention, positions, use_cache=False,

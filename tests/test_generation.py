@@ -127,3 +127,57 @@ def test_after_step_sees_every_fed_token_and_the_head_picks_the_mask_point(monke
     assert out.tokens[0] == answer[:-1] and len(out.masks[0]) == 1
     assert [int(c) for c in calls] == answer[:-1]  # every fed token; eos ends the loop unfed
     assert out.text_tokens == out.tokens
+
+
+def _bidirectional(seed, **options):
+    return tiny_model(seed=seed, model_options={"image_attention": "bidirectional", "image_position": "after", **options})
+
+
+def test_bidirectional_image_cells_see_later_cells_and_text_stays_causal():
+    model, proc = _bidirectional(seed=7)
+    causal, _ = tiny_model(seed=7, model_options={"image_position": "after"})
+    causal.load_state_dict(model.state_dict())
+    ids = torch.tensor([_prompt(proc, "the red circle")])
+    image = (ids == model.image_token_id)[0].nonzero()[:, 0]
+    first, last = int(image[0]), int(image[-1])
+    with torch.no_grad():
+        features = model.image_features(torch.randn(1, 3, 64, 64))
+    changed = features.clone()
+    changed[:, -1] += 1.0  # only the last image position's input changes (the tower itself mixes all patches)
+
+    def hidden(m, feats):
+        with torch.no_grad():
+            embeds, _ = m.embed_inputs(ids, features=feats)
+            rows = m.text_attention(torch.ones_like(ids), ids == m.image_token_id)[:, None]
+            return m.run_decoder(embeds, rows, torch.arange(ids.shape[1])[None], image_positions=ids == m.image_token_id)
+
+    for m, sees_later in ((model, True), (causal, False)):
+        before, after = hidden(m, features), hidden(m, changed)
+        assert not torch.allclose(before[:, last], after[:, last])
+        assert torch.allclose(before[:, first], after[:, first], atol=1e-6) is not sees_later
+        torch.testing.assert_close(before[:, :first], after[:, :first])  # the request never sees the image
+
+
+def test_bidirectional_image_kv_cached_generation_equals_whole_sequence_and_batch():
+    model, proc = _bidirectional(seed=8)
+    prompts = [_prompt(proc, "the red circle"), _prompt(proc, "a much longer query about the blue star")]
+    pixels = torch.randn(2, 3, 64, 64)
+    both = _gen(model, proc, prompts, pixels)
+    for i, prompt in enumerate(prompts):
+        assert _gen(model, proc, [prompt], pixels[i : i + 1]).tokens[0] == both.tokens[i]  # left padding is inert
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(len(both.tokens[i])):  # recompute everything with the training path's attention
+                x = torch.tensor([ids])
+                embeds, _ = model.embed_inputs(x, pixels[i : i + 1])
+                rows = model.text_attention(torch.ones_like(x), x == model.image_token_id)[:, None]
+                hidden = model.run_decoder(embeds, rows, torch.arange(len(ids))[None], image_positions=x == model.image_token_id)
+                ids.append(int(model.lm.get_output_embeddings()(hidden[:, -1]).argmax(-1)))
+        assert ids[len(prompt):] == both.tokens[i]
+
+
+def test_unknown_image_attention_is_a_clear_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="image_attention must be one of"):
+        tiny_model(model_options={"image_attention": "sideways"})

@@ -112,3 +112,45 @@ def test_vision_grad_scale_scales_what_lm_and_head_send_to_the_tower_not_the_pro
         torch.testing.assert_close(full[key], cut[key])
     torch.testing.assert_close(g_cut, g_probe)
     assert not torch.allclose(g_full, g_probe)
+
+
+def test_size_family_is_derived_from_each_object_mask(synthref_root, tmp_path):
+    """``patch_size_bins`` adds a "size" family whose labels come from the masks alone (any dataset): each object's
+    patches get the bin of sqrt(area / image area); it trains, reloads, and bad bins are clear errors."""
+    import numpy as np
+    import pytest
+
+    from mmseg.imageio import load_image
+    from mmseg.modeling.patch_probe import probe_families, size_class
+
+    bins = [0.08, 0.1, 0.13]
+    square = np.zeros((100, 100), dtype=bool)
+    square[:9, :9] = True  # radius 0.09
+    assert size_class(square, bins) == "r<0.1" and size_class(np.ones((4, 4), bool), bins) == "r>=0.13"
+    with pytest.raises(ValueError, match="positive and increasing"):
+        probe_families(FAMILIES, [0.1, 0.1])
+    with pytest.raises(ValueError, match='already has a "size" family'):
+        probe_families({**FAMILIES, "size": ["s"]}, bins)
+
+    model, proc = tiny_model(model_options={"patch_labels": FAMILIES, "patch_size_bins": bins})
+    assert list(model.probe.families) == ["kind", "color", "size"] and len(model.probe.families["size"]) == 4
+    ds = ReferDataset(synthref_root, "synthref", "unc", "train")
+    pool = ExamplePool(ds, [], ds.image_root, with_objects=True)
+    examples = [pool.draw(random.Random(i), 0.0) for i in range(3)]
+    batch = Collator(proc, model.head, patch_labels=model.probe.families, size_bins=bins)(examples)
+    for example, labels in zip(examples, batch["patch_labels"]):
+        for mask, _ in example.objects:  # every object's pixels carry its own size class (unless occluded)
+            expected = 1 + model.probe.families["size"].index(size_class(mask, bins))
+            box = proc.preprocess_image(load_image(example.image_path))[1]
+            placed = proc.transform.mask_to_input(mask, box) > 0.5
+            assert float((labels[2][placed] == expected).float().mean()) > 0.5
+        assert set(labels[2].unique().tolist()) <= set(range(5))
+    model.train()
+    losses = model(batch)
+    assert torch.isfinite(losses["patch_probe"])
+    model.eval().save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    loaded, _ = load_pretrained(tmp_path)
+    assert loaded.probe.families == model.probe.families
+    with pytest.raises(ValueError, match='no "size" family'):
+        Collator(proc, model.head, patch_labels=FAMILIES, size_bins=bins)

@@ -15,6 +15,7 @@ from mmseg.data.prompts import LIST_TEMPLATES, list_objects_answer, segment_answ
 from mmseg.imageio import load_image
 from mmseg.masks import mask_digest
 from mmseg.modeling.heads.base import MaskHead
+from mmseg.modeling.patch_probe import SIZE_FAMILY, size_class
 from mmseg.processing import Processor
 
 
@@ -124,7 +125,7 @@ class Collator:
     """
 
     def __init__(self, processor: Processor, head: MaskHead, patch_labels: dict[str, list[str]] | None = None,
-                 focus: bool = False, cache_mb: float = 0.0) -> None:
+                 focus: bool = False, cache_mb: float = 0.0, size_bins: Sequence[float] = ()) -> None:
         self.processor = processor
         self.head = head
         self.focus = focus
@@ -132,6 +133,11 @@ class Collator:
         self.memo = BudgetMemo(int(cache_mb * 2**20))
         # family -> {class name: index (1-based; 0 = background)}, for ``patch_labels (B, F, S, S)``
         self.label_index = {f: {c: i + 1 for i, c in enumerate(names)} for f, names in (patch_labels or {}).items()}
+        # With a "size" family among patch_labels: each object's class is derived from its mask with these bins
+        # (see mmseg.modeling.patch_probe.size_class), not read from its annotation.
+        self.size_bins = tuple(size_bins)
+        if self.size_bins and SIZE_FAMILY not in self.label_index:
+            raise ValueError(f'size_bins given but patch_labels has no "{SIZE_FAMILY}" family to fill')
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         proc = self.processor
@@ -195,6 +201,8 @@ class Collator:
         if not objects:
             return maps.fill_(-100)
         for mask, names in objects:
+            if self.size_bins:
+                names = {**names, SIZE_FAMILY: size_class(mask, self.size_bins)}
             inside = self.processor.transform.mask_to_input(mask, box) > 0.5
             for f, (family, index) in enumerate(self.label_index.items()):
                 maps[f][inside] = index.get(names.get(family, ""), -100)

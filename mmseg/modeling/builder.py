@@ -13,7 +13,7 @@ from mmseg.config import LMConfig, ModelConfig
 from mmseg.modeling.grounding import GroundingGate, GroundingProbe
 from mmseg.modeling.heads import build_head, head_config
 from mmseg.modeling.model import CONFIG_FILE, WEIGHTS_FILE, MMSegModel
-from mmseg.modeling.patch_probe import PatchProbe
+from mmseg.modeling.patch_probe import PatchProbe, probe_families
 from mmseg.modeling.projector import MLPProjector, PatchMerger
 from mmseg.modeling.vision import build_vision_tower
 from mmseg.processing import PROCESSOR_FILE, Processor, ensure_special_tokens, train_bpe_tokenizer
@@ -88,7 +88,8 @@ def build_model(config: ModelConfig, tokenizer, load_weights: bool = True, asset
     if config.projector_norm:  # the RMS of the LM's token embeddings, which image features should match
         scale = float(lm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
     projector = MLPProjector(vision.hidden_size, hidden, out_scale=scale)
-    probe = PatchProbe(hidden, config.patch_labels) if config.patch_labels else None
+    families = probe_families(config.patch_labels, config.patch_size_bins)
+    probe = PatchProbe(hidden, families) if families else None
     grounder = None
     if config.ground_layer is not None:
         layers = lm.config.get_text_config().num_hidden_layers

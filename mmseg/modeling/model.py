@@ -30,6 +30,15 @@ def causal_text_attention(attention_mask: torch.Tensor) -> torch.Tensor:
     return (causal[None] & attention_mask.bool()[:, None, :]) | eye[None]
 
 
+IMAGE_ATTENTION = ("causal", "bidirectional")
+
+
+def open_image_block(rows: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
+    """``rows (B, Q, K)`` bool attention over the last ``K`` slots, ``image_positions (B, K)`` bool -> ``rows`` with
+    every image position free to attend to every image position of its row (``Q == K``: a whole-sequence pass)."""
+    return rows | (image_positions[:, :, None] & image_positions[:, None, :])
+
+
 class MMSegModel(nn.Module):
     """The LLaVA-style backbone with a mask head.
 
@@ -58,6 +67,8 @@ class MMSegModel(nn.Module):
         self.ground_weight = 1.0  # set by the trainer from its config
         self.vision_grad_scale = 1.0  # set by the trainer from its config
         self._image_positions: torch.Tensor | None = None  # (B, Q) for the decoder pass in flight (the grounder's hook)
+        if config.image_attention not in IMAGE_ATTENTION:
+            raise ValueError(f"image_attention must be one of {IMAGE_ATTENTION}, got {config.image_attention!r}")
         self._hooks = []
         if grounder is not None:
             # The grounder reads (and a gate writes) the LM's stream after its layer; a hook keeps any
@@ -112,6 +123,16 @@ class MMSegModel(nn.Module):
         finally:
             self._image_positions = None
 
+    def text_attention(self, attention_mask: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
+        """``attention_mask (B, T)`` padding mask, ``image_positions (B, T)`` bool -> ``(B, T, T)`` bool: causal
+        over valid tokens, and bidirectional among the image positions when ``config.image_attention`` says so."""
+        rows = causal_text_attention(attention_mask)
+        return open_image_block(rows, image_positions) if self.bidirectional_image else rows
+
+    @property
+    def bidirectional_image(self) -> bool:
+        return self.config.image_attention == "bidirectional"
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -158,7 +179,8 @@ class MMSegModel(nn.Module):
         else:
             shared = features
         embeds, _ = self.embed_inputs(input_ids, features=shared)
-        rows = causal_text_attention(attention)  # (B, T, T)
+        placeholders = input_ids == self.image_token_id
+        rows = self.text_attention(attention, placeholders)  # (B, T, T)
         positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
         extra = self.head.extra_inputs(batch, shared)
         if extra is not None:
@@ -166,7 +188,6 @@ class MMSegModel(nn.Module):
             rows = torch.cat([F.pad(rows, (0, q), value=False), extra.attention], dim=1)  # text never sees extras
             embeds = torch.cat([embeds, extra.embeds.to(embeds.dtype)], dim=1)
             positions = torch.cat([positions, extra.position_ids], dim=1)
-        placeholders = input_ids == self.image_token_id
         hidden = self.run_decoder(embeds, rows[:, None], positions, use_cache=False,
                                   image_positions=F.pad(placeholders, (0, embeds.shape[1] - t)))
         text_hidden = hidden[:, :t]

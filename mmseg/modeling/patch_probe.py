@@ -12,11 +12,40 @@ the mask queries read are discriminative before the LM learns where to look.
 
 from __future__ import annotations
 
+import bisect
+from typing import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 IGNORE = -100
+SIZE_FAMILY = "size"
+
+
+def size_classes(bins: Sequence[float]) -> list[str]:
+    """Class names of the derived size family for increasing equal-area-radius edges ``bins`` (len + 1 names)."""
+    return [f"r<{edge:g}" for edge in bins] + [f"r>={bins[-1]:g}"]
+
+
+def size_class(mask: np.ndarray, bins: Sequence[float]) -> str:
+    """The size class of an object given its bool ``mask (H, W)``: the bin of ``sqrt(area / (H * W))``."""
+    radius = float(np.sqrt(np.count_nonzero(mask) / max(1, mask.size)))
+    return size_classes(bins)[bisect.bisect_right(list(bins), radius)]
+
+
+def probe_families(patch_labels: dict[str, list[str]], size_bins: Sequence[float] = ()) -> dict[str, list[str]]:
+    """The probe's families: the annotated ones (``ModelConfig.patch_labels``) plus the derived size family when
+    ``size_bins`` (``ModelConfig.patch_size_bins``) is not empty."""
+    families = {name: list(classes) for name, classes in patch_labels.items()}
+    if size_bins:
+        if SIZE_FAMILY in families:
+            raise ValueError(f'patch_labels already has a "{SIZE_FAMILY}" family; drop it or patch_size_bins')
+        if any(b <= a for a, b in zip(size_bins, size_bins[1:])) or size_bins[0] <= 0:
+            raise ValueError(f"patch_size_bins must be positive and increasing, got {list(size_bins)}")
+        families[SIZE_FAMILY] = size_classes(size_bins)
+    return families
 
 
 class PatchProbe(nn.Module):
