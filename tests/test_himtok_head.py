@@ -400,7 +400,9 @@ def test_preset_paths_resolve_against_the_current_directory(tokenizer_dir, tmp_p
 
     preset = load_preset("tiny-himtok")
     assert preset.model.head["tokenizer"] == "checkpoints/synthref-himtok/mask_tokenizer"
-    assert preset.model.vision == load_preset("tiny-stamp").model.vision and preset.model.lm == load_preset("tiny-stamp").model.lm
+    stamp = load_preset("tiny-stamp").model
+    for name in ("vision", "lm", "patch_labels", "patch_size_bins", "image_attention", "ground_presence"):
+        assert getattr(preset.model, name) == getattr(stamp, name), name  # one backbone recipe for both heads
     shutil.copytree(tokenizer_dir, tmp_path / "checkpoints" / "synthref-himtok" / "mask_tokenizer")
     monkeypatch.chdir(tmp_path)
     config = tiny_config("himtok", tokenizer="checkpoints/synthref-himtok/mask_tokenizer")
