@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmseg.config import LMConfig, Preset, VisionConfig
+from mmseg.config import ModelConfig, Preset
 from mmseg.data.prompts import SEGMENT_TEMPLATES, segment_answer, target_description
 from mmseg.modeling.heads.shaper import ShaperConfig, ShaperHead, shaper_from_himtok
 from mmseg.modeling.model import CONFIG_FILE, MMSegModel
@@ -54,9 +54,12 @@ def init_model(preset: Preset, options: ShaperConfig) -> tuple[MMSegModel, Any]:
     not a HiMTok model)."""
     from mmseg.modeling.builder import is_checkpoint, load_pretrained
 
-    if preset.model.vision != VisionConfig() or preset.model.lm != LMConfig() or preset.model.tokenizer is not None:
+    default = asdict(ModelConfig())
+    set_here = sorted(name for name, value in asdict(preset.model).items()
+                      if name != "head" and value != default[name])
+    if set_here:  # they would be silently ignored: the backbone (and every setting of it) is init_from's
         raise ValueError(f"preset {preset.name!r}: the shaper takes its backbone and tokenizer from head.init_from; "
-                         "remove model.vision, model.lm and model.tokenizer from the preset")
+                         f"remove model.{', model.'.join(set_here)} from the preset")
     if not options.init_from:
         example = "checkpoints/synthref-himtok"
         raise ValueError('the shaper head trains from a HiMTok checkpoint: set "init_from" in the preset\'s head, e.g. '

@@ -152,5 +152,8 @@ def test_size_family_is_derived_from_each_object_mask(synthref_root, tmp_path):
     proc.save_pretrained(tmp_path)
     loaded, _ = load_pretrained(tmp_path)
     assert loaded.probe.families == model.probe.families
-    with pytest.raises(ValueError, match='no "size" family'):
-        Collator(proc, model.head, patch_labels=FAMILIES, size_bins=bins)
+    for families, given in ((FAMILIES, bins), (model.probe.families, ())):  # one without the other
+        with pytest.raises(ValueError, match='"size" family and size_bins go together'):
+            Collator(proc, model.head, patch_labels=families, size_bins=given)
+    with pytest.raises(ValueError, match="first 6 significant digits"):
+        probe_families(FAMILIES, [0.1, 0.1000001])

@@ -437,7 +437,7 @@ def test_the_benchmark_refuses_anything_but_a_trained_shaper(tmp_path, synthref_
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case", ["unset", "missing", "stamp", "backbone"])
+@pytest.mark.parametrize("case", ["unset", "missing", "stamp", "backbone", "setting"])
 def test_training_init_errors_are_clear(case, tmp_path, tokenizer_dir, synthref_root, capsys):
     from mmseg.cli import main
 
@@ -445,18 +445,23 @@ def test_training_init_errors_are_clear(case, tmp_path, tokenizer_dir, synthref_
         model, proc = tiny_model()
         Segmenter(model, proc).save_pretrained(tmp_path / "stamp")
     init = {"unset": None, "missing": str(tmp_path / "nowhere"), "stamp": str(tmp_path / "stamp"),
-            "backbone": str(tmp_path / "nowhere")}[case]
+            "backbone": str(tmp_path / "nowhere"), "setting": str(tmp_path / "nowhere")}[case]
     preset = _preset(tmp_path, init)
     if case == "backbone":
         data = json.loads(preset.read_text())
         data["model"]["lm"] = {"hidden_size": 64}
+        preset.write_text(json.dumps(data))
+    if case == "setting":  # any backbone setting, not only vision/lm, would be ignored: it is an error
+        data = json.loads(preset.read_text())
+        data["model"]["image_attention"] = "bidirectional"
         preset.write_text(json.dumps(data))
     code = main(["train", "--config", str(preset), "--data", str(synthref_root), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ")
     expected = {"unset": 'set "init_from"', "missing": "no HiMTok checkpoint at",
                 "stamp": "is a 'stamp' model, not a HiMTok one",
-                "backbone": "takes its backbone and tokenizer from head.init_from"}[case]
+                "backbone": "takes its backbone and tokenizer from head.init_from",
+                "setting": "remove model.image_attention from the preset"}[case]
     assert expected in err
     if case in ("unset", "missing"):  # the message says how to get a HiMTok checkpoint
         assert "mmseg train --config tiny-himtok" in err

@@ -120,8 +120,10 @@ class Collator:
     ``mask_targets (B, S, S)`` in {0, 1} placed like the letterboxed image, ``seg_positions (B,)``
     (index of the first mask point in the expanded text, -1 if none: ``<seg>``, or the token the head's
     ``mask_point_token_id`` names, e.g. HiMTok's ``<mt_start>``). With ``patch_labels``: ``patch_labels
-    (B, F, S, S)``. With ``focus``: ``focus_targets (B, S, S)`` in {0, 1} (each example's ``focus``, placed like the
-    image) and ``focus_valid (B,)`` bool (False where the example's focus is unknown).
+    (B, F, S, S)`` (a ``"size"`` family is derived from each object's mask with ``size_bins``, see
+    :func:`~mmseg.modeling.patch_probe.size_class`). With ``focus``: ``focus_targets (B, S, S)`` in {0, 1} (each
+    example's ``focus``, placed like the image) and ``focus_valid (B,)`` bool (False where the example's focus is
+    unknown).
     """
 
     def __init__(self, processor: Processor, head: MaskHead, patch_labels: dict[str, list[str]] | None = None,
@@ -136,8 +138,9 @@ class Collator:
         # With a "size" family among patch_labels: each object's class is derived from its mask with these bins
         # (see mmseg.modeling.patch_probe.size_class), not read from its annotation.
         self.size_bins = tuple(size_bins)
-        if self.size_bins and SIZE_FAMILY not in self.label_index:
-            raise ValueError(f'size_bins given but patch_labels has no "{SIZE_FAMILY}" family to fill')
+        if bool(self.size_bins) != (SIZE_FAMILY in self.label_index):
+            raise ValueError(f'patch_labels\' "{SIZE_FAMILY}" family and size_bins go together (pass both or neither; '
+                             "the model's families are model.probe.families, its bins config.patch_size_bins)")
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         proc = self.processor

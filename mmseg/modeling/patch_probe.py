@@ -6,7 +6,7 @@ attend to the image, so the tower gets almost nothing to learn from. Measured on
 answers): teacher-forced, the mask step reached Dice ~0.87 within 1,000 steps, yet the answer's own words about
 the target (its colour, kind and place) stayed at chance for 2,000 steps (text CE flat at 0.30 per token). A
 linear probe per attribute family over every patch feature, trained on labels the annotations already hold (the
-category; SynthRef's colour), gives the tower a direct, dense signal from step one, so the features the LM and
+category; SynthRef's colour) or the masks imply (the object's size, see :func:`probe_families`), gives the tower a direct, dense signal from step one, so the features the LM and
 the mask queries read are discriminative before the LM learns where to look.
 """
 
@@ -44,7 +44,10 @@ def probe_families(patch_labels: dict[str, list[str]], size_bins: Sequence[float
             raise ValueError(f'patch_labels already has a "{SIZE_FAMILY}" family; drop it or patch_size_bins')
         if any(b <= a for a, b in zip(size_bins, size_bins[1:])) or size_bins[0] <= 0:
             raise ValueError(f"patch_size_bins must be positive and increasing, got {list(size_bins)}")
-        families[SIZE_FAMILY] = size_classes(size_bins)
+        names = size_classes(size_bins)
+        if len(set(names)) != len(names):
+            raise ValueError(f"patch_size_bins {list(size_bins)}: edges must differ in their first 6 significant digits")
+        families[SIZE_FAMILY] = names
     return families
 
 
