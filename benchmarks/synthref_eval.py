@@ -34,26 +34,27 @@ def main() -> None:
     parser.add_argument("--keep-tokens", type=int, nargs="*", default=[],
                         help="coarse-to-fine heads: also score each split with only the first k mask tokens")
     parser.add_argument("--json", default="benchmarks/results/synthref_eval.json")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (figures may differ in the last digits: other kernels)")
     args = parser.parse_args()
 
-    seg = Segmenter.from_pretrained(args.model, device="cpu")
+    seg = Segmenter.from_pretrained(args.model, device=args.device)
     results: dict = {"model": args.model, "data": args.data, "head": seg.head_name}
     for split in args.splits:
         ds = ReferDataset(args.data, "synthref", "unc", split)
         step = max(1, len(ds) // args.limit) if args.limit else 1
         indices = list(range(0, len(ds), step))[: args.limit]
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(seg.model.device.type, dtype=torch.bfloat16):
             results[split] = evaluate_refer(seg, ds, indices, batch_size=args.batch_size, progress=True)
         results[split]["seconds"] = round(time.perf_counter() - start, 1)
         for k in args.keep_tokens:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(seg.model.device.type, dtype=torch.bfloat16):
                 r = evaluate_refer(seg, ds, indices, batch_size=args.batch_size, keep_tokens=k)
             results[split].setdefault("keep_tokens", {})[k] = {m: r[m] for m in ("ciou", "giou", "prec@0.5")}
     qa = read_qa(args.data, "val")
     if args.limit:
         qa = qa[: args.limit]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(seg.model.device.type, dtype=torch.bfloat16):
         results["qa"] = evaluate_qa(seg, qa, Path(args.data) / "images", batch_size=args.batch_size)
 
     print(f"{'split':<8}{'n':>6}{'cIoU':>8}{'gIoU':>8}{'P@0.5':>8}{'no-tgt':>8}   cIoU by type")

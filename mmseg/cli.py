@@ -25,7 +25,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from mmseg.config import load_preset
     from mmseg.train import train
 
-    preset = load_preset(args.config)
+    preset = load_preset(args.config, args.set)
     summary = train(preset, args.data, args.out, max_minutes=args.max_minutes, max_steps=args.max_steps)
     print(json.dumps(summary, indent=2))
 
@@ -34,7 +34,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from mmseg.train_tokenizer import train_tokenizer
 
     summary = train_tokenizer(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
-                              max_minutes=args.max_minutes)
+                              max_minutes=args.max_minutes, device=args.device, num_workers=args.workers)
     print(json.dumps(summary, indent=2))
 
 
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint folder (re-run to resume)")
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a preset value, e.g. --set train.batch_size=64 --set train.num_workers=8 (repeatable)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("train-tokenizer", help="train the HiMT mask tokenizer on COCO-format masks + procedural shapes")
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--workers", type=int, default=0, help="loader processes drawing masks ahead of the step")
     p.set_defaults(func=_cmd_train_tokenizer)
 
     p = sub.add_parser("predict", help="answer a query about an image and write its mask")

@@ -163,6 +163,7 @@ class TrainConfig:
     save_every: int = 500
     log_every: int = 20
     seed: int = 0
+    # Loader processes that build batches ahead of the step (0: built in the training loop).
     num_workers: int = 0
     # Memory for memoised training inputs (decoded, letterboxed images; label maps; placed masks), per process.
     # SynthRef's 10k training images need about 3 GB; 0 turns the memo off.
@@ -205,8 +206,35 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
-def load_preset(name_or_path: str | Path) -> Preset:
-    """Load a preset by name (``tiny-stamp``) or from a JSON file path."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], name: str) -> dict[str, Any]:
+    """Set ``section.key[.key...]=value`` entries (``train.batch_size=64``, ``model.head.tokenizer=path``) in a
+    preset's parsed JSON. Values parse as JSON (numbers, true/false/null, lists) and otherwise stay strings;
+    unknown keys are caught where the preset is built, with the valid ones listed."""
+    data = json.loads(json.dumps(data))  # a deep copy
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ValueError(f"override {item!r}: expected SECTION.KEY=VALUE, e.g. train.batch_size=64")
+        if parts[0] not in ("model", "train"):
+            raise ValueError(f"override {item!r}: the section must be 'model' or 'train', not {parts[0]!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {part!r} in preset {name!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_preset(name_or_path: str | Path, overrides: list[str] | None = None) -> Preset:
+    """Load a preset by name (``tiny-stamp``) or from a JSON file path, with optional ``SECTION.KEY=VALUE``
+    overrides (see :func:`apply_overrides`)."""
     path = Path(name_or_path)
     if path.suffix == ".json" and path.is_file():
         text, name = path.read_text(), path.stem
@@ -220,6 +248,8 @@ def load_preset(name_or_path: str | Path) -> Preset:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"preset {name!r} is not valid JSON: {err}") from None
+    if overrides:
+        data = apply_overrides(data, overrides, name)
     unknown = sorted(set(data) - {"model", "train"})
     if unknown:
         raise ValueError(f"preset {name!r}: unknown top-level key(s) {unknown}; valid: ['model', 'train']")

@@ -78,6 +78,39 @@ def probe_accuracy(model: MMSegModel, collate: Collator, pool: ExamplePool, indi
     return {family: correct / max(1, total) for family, (correct, total) in counts.items()}
 
 
+class TrainClock:
+    """The training progress a batch is drawn at, computable in a loader worker: the larger of the step fraction
+    and the wall-time fraction (as the training loop's own), from a wall-clock start shared by every process."""
+
+    def __init__(self, wall_start: float, total_steps: int, deadline_s: float | None) -> None:
+        self.wall_start, self.total_steps, self.deadline_s = wall_start, total_steps, deadline_s
+
+    def progress(self, step: int) -> float:
+        fraction = step / self.total_steps
+        if self.deadline_s is not None:
+            fraction = max(fraction, (time.time() - self.wall_start) / self.deadline_s)
+        return min(1.0, fraction)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Batches ``first, first + 1, ...`` made by ``make(step, progress)`` in DataLoader workers.
+
+    Each batch depends only on its step (its random draw is seeded by it), so workers change nothing but speed,
+    except that the curriculum phase of a batch is read off the clock when a worker builds it, a few steps
+    ahead of its use: a batch at a phase boundary may come from the neighbouring phase.
+    """
+
+    def __init__(self, make, clock: TrainClock, first: int) -> None:
+        self.make, self.clock, self.first = make, clock, first
+
+    def __len__(self) -> int:
+        return max(0, self.clock.total_steps - self.first)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        step = self.first + index
+        return self.make(step, self.clock.progress(step))
+
+
 def plot_curve(history: list[dict], path: Path) -> None:
     """Loss and validation metrics against step, one PNG."""
     import matplotlib
@@ -161,6 +194,8 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
                        cache_mb=cfg.cache_mb)
     pool = ExamplePool(train_set, train_qa, image_root, describe_targets=cfg.describe_targets,
                        with_objects=model.probe is not None)
+    if cfg.num_workers > 0:
+        model.head.host_targets()  # before the model moves: forked loader workers build the targets
     model.probe_weight = cfg.patch_label_weight
     model.ground_weight = cfg.ground_weight
     model.vision_grad_scale = cfg.vision_grad_scale
@@ -187,12 +222,18 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
         out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
-    def batch_for(step_index: int, progress: float = 0.0) -> dict[str, torch.Tensor]:
+    def host_batch(step_index: int, progress: float = 0.0) -> dict[str, torch.Tensor]:
+        """This process's slice of global batch ``step_index``, on the host (CPU)."""
         rng = random.Random(cfg.seed * 1_000_003 + step_index)
         types = cfg.types_at(progress)
         examples = [pool.draw(rng, cfg.qa_fraction, types, cfg.list_fraction) for _ in range(cfg.batch_size)]
-        mine = examples[accelerator.process_index :: world]
-        return {k: v.to(accelerator.device) for k, v in collate(mine).items()}
+        return collate(examples[accelerator.process_index :: world])
+
+    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+
+    def batch_for(step_index: int, progress: float = 0.0) -> dict[str, torch.Tensor]:
+        return to_device(host_batch(step_index, progress))
 
     def save() -> None:
         accelerator.wait_for_everyone()
@@ -252,6 +293,13 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     model.train()
     window_start, window_samples = time.perf_counter(), 0
     last_metrics: dict = {}
+    prefetched = None
+    if cfg.num_workers > 0:
+        clock = TrainClock(time.time() - elapsed_before, total_steps, deadline)
+        prefetched = iter(torch.utils.data.DataLoader(
+            StepBatches(host_batch, clock, step), batch_size=None, num_workers=cfg.num_workers,
+            pin_memory=accelerator.device.type == "cuda", prefetch_factor=4, persistent_workers=False,
+            multiprocessing_context="fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None))
     while step < total_steps:
         progress_fraction = step / total_steps if deadline is None else max(step / total_steps, elapsed() / deadline)
         if world > 1:  # every process must use the same learning rate and curriculum phase
@@ -259,7 +307,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
         lr = lr_at(step, progress_fraction, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = batch_for(step, progress_fraction)
+        batch = batch_for(step, progress_fraction) if prefetched is None else to_device(next(prefetched))
         with accelerator.autocast():
             losses = model(batch)
         accelerator.backward(losses["loss"])

@@ -94,13 +94,45 @@ def tokenizer_loss(model: MaskTokenizer, masks: torch.Tensor, keep: torch.Tensor
             "latents": out["latents"], "logits": out["logits"], "ids": out["ids"]}
 
 
+class TokenizerBatches(torch.utils.data.Dataset):
+    """Training batches ``first, first + 1, ...``: ``(masks (B, S, S) float in {0, 1}, keep (B,) in 1..K)``.
+
+    Batch ``step`` depends only on ``(seed, step)``, so loader workers (and resuming) change nothing but speed.
+    """
+
+    def __init__(self, source: MaskSource, seed: int, first: int, steps: int, batch_size: int, num_tokens: int) -> None:
+        self.source, self.seed, self.first, self.steps = source, seed, first, steps
+        self.batch_size, self.num_tokens = batch_size, num_tokens
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.first)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, k = self.batch_size, self.num_tokens
+        rng = np.random.default_rng(self.seed * 1_000_003 + self.first + index)
+        masks = morph(torch.from_numpy(np.stack([self.source.draw(rng) for _ in range(n)])).float(), rng)
+        # Nested dropout: half the rows keep every token, the rest a uniform prefix length.
+        keep = torch.where(torch.from_numpy(rng.random(n) < 0.5), torch.full((n,), k),
+                           torch.from_numpy(rng.integers(1, k + 1, n)))
+        return masks, keep
+
+
 def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: MaskTokenizerConfig | None = None,
                     steps: int = 20000, batch_size: int = 64, lr: float = 1e-3, max_minutes: float | None = None,
                     warmup_steps: int = 50, revive_every: int = 25,
-                    seed: int = 0, progress: bool = True, log_every: int = 50, save_every: int = 500) -> dict:
+                    seed: int = 0, progress: bool = True, log_every: int = 50, save_every: int = 500,
+                    device: str | None = None, num_workers: int = 0) -> dict:
     """Train (or resume) a mask tokenizer on the masks of ``data_dirs`` (folders holding ``*/instances.json``
-    or ``instances.json`` files directly). Returns a summary with the final losses."""
+    or ``instances.json`` files directly). Returns a summary with the final losses.
+
+    ``device`` defaults to CUDA when available; ``num_workers`` loader processes draw batches ahead of the step
+    (0: drawn in the loop)."""
     from tqdm.auto import tqdm
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 matmuls: the VQ stays in fp32 range
+        torch.backends.cudnn.allow_tf32 = True
 
     out_dir = Path(out_dir)
     files: list[Path] = []
@@ -112,9 +144,10 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
     state_path = out_dir / STATE_FILE
     if state_path.is_file():
         model = MaskTokenizer.from_pretrained(out_dir).train()
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True, map_location=device)
     else:
         model, state = MaskTokenizer(config or MaskTokenizerConfig()).train(), None
+    model.to(device)
     source = MaskSource(files, size=model.config.mask_size * 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     step, elapsed_before, history = 0, 0.0, []
@@ -133,13 +166,11 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
                     "elapsed_s": elapsed_before + time.perf_counter() - start}, state_path)
         (out_dir / "tokenizer_history.json").write_text(json.dumps(history))
 
+    batches = iter(torch.utils.data.DataLoader(
+        TokenizerBatches(source, seed, step, steps, batch_size, k), batch_size=None, num_workers=num_workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None))
     while step < steps:
-        rng = np.random.default_rng(seed * 1_000_003 + step)
-        masks = torch.from_numpy(np.stack([source.draw(rng) for _ in range(batch_size)])).float()
-        masks = morph(masks, rng)
-        # Nested dropout: half the rows keep every token, the rest a uniform prefix length.
-        keep = torch.where(torch.from_numpy(rng.random(batch_size) < 0.5), torch.full((batch_size,), k),
-                           torch.from_numpy(rng.integers(1, k + 1, batch_size)))
+        masks, keep = (t.to(device, non_blocking=True) for t in next(batches))
         # With a time budget the cosine runs over the budget, so a timed run still ends at a low learning rate.
         progress_fraction = step / steps
         if max_minutes is not None:

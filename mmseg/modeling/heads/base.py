@@ -78,6 +78,11 @@ class MaskHead(nn.Module):
     def unhook(self) -> None:
         """Remove any hooks :meth:`bind` put on the LM (another head is taking the LM over). Default: none."""
 
+    def host_targets(self) -> None:
+        """Training, before the model moves to an accelerator: make :meth:`expand_targets` independent of the
+        model's device, so that forked DataLoader workers (which cannot use the parent's accelerator) can build
+        targets. Default: nothing to do (the targets need no model part)."""
+
     def expand_targets(self, input_ids: list[int], labels: list[int], mask: torch.Tensor | None) -> tuple[list[int], list[int]]:
         """Training: rewrite one sample's ids/labels where ``<seg>`` stands. ``mask`` is ``(S, S)`` in {0,1} or None."""
         return input_ids, labels

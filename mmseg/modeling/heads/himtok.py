@@ -31,6 +31,7 @@ Mask tokenizer location: a checkpoint keeps it in ``<checkpoint>/mask_tokenizer/
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import numbers
@@ -193,6 +194,7 @@ class HiMTokHead(MaskHead):
         self.num_tokens = found.num_tokens
         self.codebook_size = found.codebook_size
         self._code_cache = BudgetMemo(256 * 2**20)  # binarised target -> codes (see codes_of)
+        self._host_tokenizer: list[MaskTokenizer] | None = None  # see host_targets
         self.adapter = CodebookAdapter(hidden_size, found.code_dim) if config.codebook_adapter else None
 
     @property
@@ -287,6 +289,12 @@ class HiMTokHead(MaskHead):
         return self.mask_tokenizer.decode_soft(probs.to(dtype), keep=keep).float()
 
     # -- training ---------------------------------------------------------------------------------------
+    def host_targets(self) -> None:
+        """Encode training targets with a CPU copy of the frozen tokenizer (kept outside the module tree, so moving
+        the model leaves it on the CPU): HiMTok's targets are the tokenizer's codes of the ground-truth mask."""
+        if self._host_tokenizer is None:
+            self._host_tokenizer = [copy.deepcopy(self.mask_tokenizer).cpu().eval()]  # a list: not a submodule
+
     def expand_targets(self, input_ids: list[int], labels: list[int], mask: torch.Tensor | None) -> tuple[list[int], list[int]]:
         """Each labelled ``<seg>`` -> ``<mt_start>`` + the K codes of ``mask (S, S)`` + ``<mt_end>``, all labelled.
         An unlabelled ``<seg>`` (an earlier turn in the prompt) stays as it is, as it does at inference."""
@@ -317,7 +325,8 @@ class HiMTokHead(MaskHead):
         """The K code ids of a target ``mask (S, S)`` in [0, 1], memoised: the tokenizer is frozen and encoding is
         deterministic, and the training loop meets each ground-truth mask once per epoch. Keyed by the binarised
         mask's bytes (what the encoder sees), so a cache hit can never return another mask's codes."""
-        return self._code_cache.get(mask_digest(mask), lambda: self.mask_tokenizer.encode(mask > 0.5).tolist())
+        encoder = self._host_tokenizer[0] if self._host_tokenizer is not None else self.mask_tokenizer
+        return self._code_cache.get(mask_digest(mask), lambda: encoder.encode(mask > 0.5).tolist())
 
     def sample_prefixes(self, n: int) -> torch.Tensor:
         """``(n, P)`` distinct prefix lengths per mask from ``1..K-1`` with ``p(k) ~ 1 / (k + prefix_offset)``."""
