@@ -165,7 +165,8 @@ class TrainConfig:
     seed: int = 0
     # Loader processes that build batches ahead of the step (0: built in the training loop).
     num_workers: int = 0
-    # Memory for memoised training inputs (decoded, letterboxed images; label maps; placed masks), per process.
+    # Memory for memoised training inputs (decoded, letterboxed images; label maps; placed masks), per process
+    # (each loader worker keeps its own).
     # SynthRef's 10k training images need about 3 GB; 0 turns the memo off.
     cache_mb: float = 4096.0
     vocab_size: int = 1024  # byte-level BPE size when a tokenizer is trained for a tiny LM

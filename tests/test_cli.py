@@ -56,3 +56,9 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "synth" in out and "train" in out and "predict" in out
+
+
+def test_train_rejects_a_bad_override(capsys, tmp_path):
+    code, err = run(capsys, "train", "--config", "tiny-stamp", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                    "--set", "train.batch_sise=8")
+    assert code == 2 and "batch_sise" in err and "Traceback" not in err

@@ -50,3 +50,23 @@ def test_curriculum_phases():
     cfg = TrainConfig(curriculum=((0.0, ["attribute"]), (0.5, None)))
     assert cfg.types_at(0.0) == ["attribute"] and cfg.types_at(0.49) == ["attribute"] and cfg.types_at(0.5) is None
     assert TrainConfig().types_at(0.3) is None
+
+
+def test_overrides_set_nested_values_parsed_as_json():
+    preset = load_preset("tiny-stamp", ["train.batch_size=8", "train.max_minutes=null", "model.head.upsample=2",
+                                        "model.image_attention=causal", "train.curriculum=[]"])
+    assert preset.train.batch_size == 8 and preset.train.max_minutes is None and preset.train.curriculum == []
+    assert preset.model.head["upsample"] == 2 and preset.model.image_attention == "causal"
+    assert load_preset("tiny-stamp").train.batch_size != 8  # the shipped preset is untouched
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size", "expected SECTION.KEY=VALUE"),
+    ("batch_size=8", "expected SECTION.KEY=VALUE"),
+    ("optim.lr=1", "section must be 'model' or 'train'"),
+    ("train.batch_sise=8", "batch_sise"),
+    ("model.lm.hidden_size.x=1", "is a value, not a section"),
+])
+def test_bad_overrides_are_clear_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_preset("tiny-stamp", [override])

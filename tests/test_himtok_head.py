@@ -586,3 +586,23 @@ def test_code_input_noise_corrupts_inputs_only(tokenizer_dir):
     assert sum(a != b for a, b in zip(inputs, true_codes)) > K // 2  # inputs are random codes (a few may coincide)
     assert new_ids[start] == head.mt_start_id and new_ids[start + K + 1] == head.mt_end_id
     assert new_ids[:start] == ids[:start] and new_labels[:start] == labels[:start]
+
+
+def test_host_targets_encode_with_a_host_copy_that_moving_the_model_leaves_behind(himtok):
+    """Loader workers build HiMTok targets; with the model on an accelerator they use a CPU copy of the tokenizer."""
+    model, _ = himtok
+    head = model.head
+    head._code_cache.clear()
+    try:
+        head.host_targets()
+        host = head._host_tokenizer[0]
+        assert all(host is not m for m in model.modules())  # outside the module tree: .to(device) skips it
+        assert not any(p is q for p in host.parameters() for q in model.parameters())
+        mask = _square_mask()
+        assert head.codes_of(mask) == head.mask_tokenizer.encode(mask).tolist()
+        head.to(torch.float64)  # a stand-in for a move to an accelerator
+        assert next(host.parameters()).dtype == torch.float32 and next(head.mask_tokenizer.parameters()).dtype == torch.float64
+    finally:
+        head.to(torch.float32)
+        head._host_tokenizer = None
+        head._code_cache.clear()

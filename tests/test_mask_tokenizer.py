@@ -118,3 +118,36 @@ def test_train_tokenizer_without_masks_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="instances.json"):
         train_tokenizer([tmp_path], tmp_path / "out", TINY, steps=1)
+
+
+def test_tokenizer_batches_depend_only_on_the_step(synthref_root):
+    """Loader workers and resuming cannot change the data: batch ``step`` is a function of (seed, step)."""
+    from pathlib import Path
+
+    from mmseg.train_tokenizer import MaskSource, TokenizerBatches
+
+    source = MaskSource(sorted(Path(synthref_root).glob("*/instances.json")), size=64)
+    whole = TokenizerBatches(source, seed=3, first=0, steps=6, batch_size=5, num_tokens=8)
+    resumed = TokenizerBatches(source, seed=3, first=4, steps=6, batch_size=5, num_tokens=8)
+    assert len(whole) == 6 and len(resumed) == 2
+    masks, keep = whole[4]
+    assert masks.shape == (5, 64, 64) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert keep.shape == (5,) and 1 <= int(keep.min()) and int(keep.max()) <= 8
+    again, keep_again = resumed[0]
+    assert torch.equal(masks, again) and torch.equal(keep, keep_again)
+    loader = torch.utils.data.DataLoader(whole, batch_size=None, num_workers=2)
+    for step, (m, k) in enumerate(loader):
+        assert torch.equal(m, whole[step][0]) and torch.equal(k, whole[step][1])
+
+
+@pytest.mark.slow
+def test_tokenizer_training_with_workers_equals_training_in_the_loop(synthref_root, tmp_path):
+    from mmseg.train_tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    inline = train_tokenizer([synthref_root], tmp_path / "a", TINY, steps=6, batch_size=8, progress=False, log_every=3,
+                             device="cpu")
+    torch.manual_seed(0)
+    workers = train_tokenizer([synthref_root], tmp_path / "b", TINY, steps=6, batch_size=8, progress=False, log_every=3,
+                              device="cpu", num_workers=2)
+    assert inline["loss"] == workers["loss"] and inline["step"] == workers["step"] == 6

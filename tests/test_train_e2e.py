@@ -81,3 +81,28 @@ def test_two_process_accelerate_run(synthref_root, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
     assert json.loads((out / "train_state" / "progress.json").read_text())["step"] == 4
+
+
+@pytest.mark.slow
+def test_loader_workers_change_nothing_but_speed(synthref_root, tmp_path):
+    """Batches are keyed by step, so training with DataLoader workers gives the very same losses."""
+    from mmseg.train import train
+
+    losses = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        train(load_preset(_preset(tmp_path, max_steps=4, num_workers=workers, max_minutes=None)), synthref_root, out,
+              progress=False)
+        losses[workers] = [json.loads(l)["loss"] for l in (out / "history.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert len(losses[0]) == 4 and losses[0] == losses[2]
+
+
+def test_train_clock_and_step_batches():
+    from mmseg.train import StepBatches, TrainClock
+
+    clock = TrainClock(wall_start=0.0, total_steps=10, deadline_s=None)
+    assert clock.progress(5) == 0.5
+    timed = TrainClock(wall_start=__import__("time").time() - 30, total_steps=1000, deadline_s=60)
+    assert 0.49 < timed.progress(1) < 0.6  # the wall-time fraction leads
+    batches = StepBatches(lambda step, progress: (step, progress), clock, first=7)
+    assert len(batches) == 3 and batches[0] == (7, 0.7) and batches[2] == (9, 0.9)
