@@ -191,7 +191,7 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
             codes_in_use = model.config.codebook_size - model.quantizer.revive_dead_codes(
                 F.normalize(losses["latents"].detach().flatten(0, 1), dim=-1))
         if step % log_every == 0:
-            record = {"step": step, **{n: round(float(losses[n]), 4) for n in ("loss", "bce", "dice", "vq")},
+            record = {"step": step, **{n: round(float(losses[n].detach()), 4) for n in ("loss", "bce", "dice", "vq")},
                       "codes_in_use": codes_in_use}
             history.append(record)
             bar.set_postfix(loss=record["loss"], dice=record["dice"], codes=record["codes_in_use"])
