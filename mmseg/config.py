@@ -25,7 +25,30 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    for field in dataclasses.fields(cls):
+        if field.name in data:
+            _check_scalar(data[field.name], field.type, f"{where}.{field.name}")
     return cls(**data)
+
+
+# Scalar annotations checked on load (a preset file or a --set override): a wrong type fails here, with the key's
+# name, instead of deep inside training. Other annotations (tuples, mappings) are left to the code that reads them.
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_scalar(value: Any, annotation: Any, where: str) -> None:
+    names = [part.strip() for part in str(annotation).split("|")]
+    if not names or not all(n in _SCALARS or n == "None" for n in names):
+        return
+    if value is None and "None" in names:
+        return
+    allowed = tuple(t for n in names if n in _SCALARS for t in _SCALARS[n])
+    # bool is an int in Python, but a flag given where a count is expected is a mistake (and vice versa)
+    if isinstance(value, allowed) and isinstance(value, bool) == ("bool" in names):
+        if isinstance(value, float) and value != value:
+            raise ValueError(f"{where}: NaN is not a valid value")
+        return
+    raise ValueError(f"{where}: expected {' or '.join(names)}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -166,7 +189,7 @@ class TrainConfig:
     # Loader processes that build batches ahead of the step (0: built in the training loop).
     num_workers: int = 0
     # Memory for memoised training inputs (decoded, letterboxed images; label maps; placed masks), per process
-    # (each loader worker keeps its own).
+    # (with loader workers, shared out among them: each keeps its own memo).
     # SynthRef's 10k training images need about 3 GB; 0 turns the memo off.
     cache_mb: float = 4096.0
     vocab_size: int = 1024  # byte-level BPE size when a tokenizer is trained for a tiny LM
@@ -184,6 +207,12 @@ class TrainConfig:
     # Curriculum: [[progress_from, [expression types]], ...]; from each progress fraction (of steps or wall
     # time, whichever is further) only those referring types are drawn; null types = all. Empty = no curriculum.
     curriculum: tuple = ()
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"train.num_workers must be >= 0, got {self.num_workers}")
+        if self.batch_size < 1:
+            raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
 
     def types_at(self, progress: float) -> list[str] | None:
         """The expression types the curriculum allows at ``progress`` in [0, 1] (None = all)."""

@@ -191,11 +191,12 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
         model, processor = build_model(preset.model, tokenizer)
     collate = Collator(processor, model.head, patch_labels=model.probe.families if model.probe else None,
                        size_bins=model.config.patch_size_bins, focus=model.grounder is not None,
-                       cache_mb=cfg.cache_mb)
+                       cache_mb=cfg.cache_mb / max(1, cfg.num_workers))  # each worker keeps its own memo
     pool = ExamplePool(train_set, train_qa, image_root, describe_targets=cfg.describe_targets,
                        with_objects=model.probe is not None)
-    if cfg.num_workers > 0:
-        model.head.host_targets()  # before the model moves: forked loader workers build the targets
+    # Before the model moves: targets built on the host, whether in loader workers (which cannot use the parent's
+    # accelerator) or in the loop, so that the worker count never changes them.
+    model.head.host_targets()
     model.probe_weight = cfg.patch_label_weight
     model.ground_weight = cfg.ground_weight
     model.vision_grad_scale = cfg.vision_grad_scale
@@ -295,49 +296,63 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     last_metrics: dict = {}
     prefetched = None
     if cfg.num_workers > 0:
-        clock = TrainClock(time.time() - elapsed_before, total_steps, deadline)
+        # Workers inherit the data pool and collator by fork (the batch builder is a closure, which spawn would
+        # have to pickle).
+        if "fork" not in torch.multiprocessing.get_all_start_methods():
+            raise ValueError("train.num_workers > 0 needs the 'fork' start method, which this platform lacks; "
+                             "set train.num_workers to 0")
+        wall_start = time.time() - elapsed_before
+        if world > 1:  # one clock for every process, so that all slices of a step come from the same phase
+            wall_start = broadcast_object_list([wall_start])[0]
+        clock = TrainClock(wall_start, total_steps, deadline)
         prefetched = iter(torch.utils.data.DataLoader(
             StepBatches(host_batch, clock, step), batch_size=None, num_workers=cfg.num_workers,
             pin_memory=accelerator.device.type == "cuda", prefetch_factor=4, persistent_workers=False,
-            multiprocessing_context="fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None))
-    while step < total_steps:
-        progress_fraction = step / total_steps if deadline is None else max(step / total_steps, elapsed() / deadline)
-        if world > 1:  # every process must use the same learning rate and curriculum phase
-            progress_fraction = broadcast_object_list([progress_fraction])[0]
-        lr = lr_at(step, progress_fraction, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = batch_for(step, progress_fraction) if prefetched is None else to_device(next(prefetched))
-        with accelerator.autocast():
-            losses = model(batch)
-        accelerator.backward(losses["loss"])
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_samples += cfg.batch_size
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == 1:
-            seconds = time.perf_counter() - window_start
-            sps = window_samples / seconds
-            record = {"step": step, "elapsed_s": round(elapsed(), 1), "lr": lr,
-                      "samples_per_s": round(sps, 2), "peak_fraction": round(flops_per_sample * sps / 1e9 / peak, 3),
-                      **{k: round(float(v.detach()), 5) for k, v in losses.items()}}
-            history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{sps:.1f}", peak=f"{record['peak_fraction']:.0%}")
-            window_start, window_samples = time.perf_counter(), 0
-        out_of_time = deadline is not None and elapsed() >= deadline
-        if step % cfg.eval_every == 0 or step == total_steps or out_of_time:
-            last_metrics = validate()
-            if last_metrics:
-                history.append({"step": step, "elapsed_s": round(elapsed(), 1), **last_metrics})
-                bar.write(f"step {step}: " + json.dumps(last_metrics))
-            window_start, window_samples = time.perf_counter(), 0
-        if step % cfg.save_every == 0 or step == total_steps or out_of_time:
-            save()
-        if out_of_time:
-            break
+            multiprocessing_context="fork"))
+    try:
+        while step < total_steps:
+            progress_fraction = step / total_steps
+            if deadline is not None:
+                progress_fraction = max(progress_fraction, elapsed() / deadline)
+            if world > 1:  # every process must use the same learning rate and curriculum phase
+                progress_fraction = broadcast_object_list([progress_fraction])[0]
+            lr = lr_at(step, progress_fraction, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = batch_for(step, progress_fraction) if prefetched is None else to_device(next(prefetched))
+            with accelerator.autocast():
+                losses = model(batch)
+            accelerator.backward(losses["loss"])
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_samples += cfg.batch_size
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == 1:
+                seconds = time.perf_counter() - window_start
+                sps = window_samples / seconds
+                record = {"step": step, "elapsed_s": round(elapsed(), 1), "lr": lr,
+                          "samples_per_s": round(sps, 2),
+                          "peak_fraction": round(flops_per_sample * sps / 1e9 / peak, 3),
+                          **{k: round(float(v.detach()), 5) for k, v in losses.items()}}
+                history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{sps:.1f}", peak=f"{record['peak_fraction']:.0%}")
+                window_start, window_samples = time.perf_counter(), 0
+            out_of_time = deadline is not None and elapsed() >= deadline
+            if step % cfg.eval_every == 0 or step == total_steps or out_of_time:
+                last_metrics = validate()
+                if last_metrics:
+                    history.append({"step": step, "elapsed_s": round(elapsed(), 1), **last_metrics})
+                    bar.write(f"step {step}: " + json.dumps(last_metrics))
+                window_start, window_samples = time.perf_counter(), 0
+            if step % cfg.save_every == 0 or step == total_steps or out_of_time:
+                save()
+            if out_of_time:
+                break
+    finally:
+        prefetched = None  # the last reference: the loader shuts its workers down (also on an error)
     bar.close()
     summary = {"step": step, "elapsed_s": round(elapsed(), 1), "flops_per_sample": flops_per_sample,
                "matmul_peak_gflops": round(peak, 1), **last_metrics}

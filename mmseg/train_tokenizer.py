@@ -169,37 +169,42 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
     batches = iter(torch.utils.data.DataLoader(
         TokenizerBatches(source, seed, step, steps, batch_size, k), batch_size=None, num_workers=num_workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None))
-    while step < steps:
-        masks, keep = (t.to(device, non_blocking=True) for t in next(batches))
-        # With a time budget the cosine runs over the budget, so a timed run still ends at a low learning rate.
-        progress_fraction = step / steps
-        if max_minutes is not None:
-            spent = (elapsed_before + time.perf_counter() - start) / (max_minutes * 60)
-            progress_fraction = min(1.0, max(progress_fraction, spent))
-        for group in optimizer.param_groups:
-            # a plain float: the optimizer state is saved and reloaded with torch.load(weights_only=True)
-            group["lr"] = float(lr * min(1.0, (step + 1) / warmup_steps) * (0.1 + 0.45 * (1 + np.cos(np.pi * progress_fraction))))
-        losses = tokenizer_loss(model, masks, keep)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        bar.update(1)
-        if step % revive_every == 0:
-            # Codes unused over the last window are re-seeded from this batch's latents.
-            codes_in_use = model.config.codebook_size - model.quantizer.revive_dead_codes(
-                F.normalize(losses["latents"].detach().flatten(0, 1), dim=-1))
-        if step % log_every == 0:
-            record = {"step": step, **{n: round(float(losses[n].detach()), 4) for n in ("loss", "bce", "dice", "vq")},
-                      "codes_in_use": codes_in_use}
-            history.append(record)
-            bar.set_postfix(loss=record["loss"], dice=record["dice"], codes=record["codes_in_use"])
-        out_of_time = max_minutes is not None and elapsed_before + time.perf_counter() - start > max_minutes * 60
-        if step % save_every == 0 or step == steps or out_of_time:
-            save()
-        if out_of_time:
-            break
+    try:
+        while step < steps:
+            masks, keep = (t.to(device, non_blocking=True) for t in next(batches))
+            # With a time budget the cosine runs over the budget, so a timed run still ends at a low learning rate.
+            progress_fraction = step / steps
+            if max_minutes is not None:
+                spent = (elapsed_before + time.perf_counter() - start) / (max_minutes * 60)
+                progress_fraction = min(1.0, max(progress_fraction, spent))
+            for group in optimizer.param_groups:
+                # a plain float: the optimizer state is saved and reloaded with torch.load(weights_only=True)
+                cosine = 0.1 + 0.45 * (1 + np.cos(np.pi * progress_fraction))
+                group["lr"] = float(lr * min(1.0, (step + 1) / warmup_steps) * cosine)
+            losses = tokenizer_loss(model, masks, keep)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            if step % revive_every == 0:
+                # Codes unused over the last window are re-seeded from this batch's latents.
+                codes_in_use = model.config.codebook_size - model.quantizer.revive_dead_codes(
+                    F.normalize(losses["latents"].detach().flatten(0, 1), dim=-1))
+            if step % log_every == 0:
+                record = {"step": step,
+                          **{n: round(float(losses[n].detach()), 4) for n in ("loss", "bce", "dice", "vq")},
+                          "codes_in_use": codes_in_use}
+                history.append(record)
+                bar.set_postfix(loss=record["loss"], dice=record["dice"], codes=record["codes_in_use"])
+            out_of_time = max_minutes is not None and elapsed_before + time.perf_counter() - start > max_minutes * 60
+            if step % save_every == 0 or step == steps or out_of_time:
+                save()
+            if out_of_time:
+                break
+    finally:
+        batches = None  # the last reference: the loader shuts its workers down (also on an error)
     bar.close()
     save()
     return {"step": step, "elapsed_s": round(elapsed_before + time.perf_counter() - start, 1),

@@ -66,6 +66,13 @@ def test_overrides_set_nested_values_parsed_as_json():
     ("optim.lr=1", "section must be 'model' or 'train'"),
     ("train.batch_sise=8", "batch_sise"),
     ("model.lm.hidden_size.x=1", "is a value, not a section"),
+    ("train.num_workers=two", "num_workers: expected int, got 'two'"),
+    ('train.batch_size="8"', "batch_size: expected int"),
+    ("train.seed=1e3", "seed: expected int, got 1000.0"),
+    ("train.describe_targets=1", "describe_targets: expected bool"),
+    ("train.lr=NaN", "NaN"),
+    ("train.num_workers=-2", "num_workers must be >= 0"),
+    ("model.lm.hidden_size=true", "hidden_size: expected int"),
 ])
 def test_bad_overrides_are_clear_errors(override, message):
     with pytest.raises(ValueError, match=message):

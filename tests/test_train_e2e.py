@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def test_loader_workers_change_nothing_but_speed(synthref_root, tmp_path):
         train(load_preset(_preset(tmp_path, max_steps=4, num_workers=workers, max_minutes=None)), synthref_root, out,
               progress=False)
         losses[workers] = [json.loads(l)["loss"] for l in (out / "history.jsonl").read_text().splitlines() if '"loss"' in l]
+        assert multiprocessing.active_children() == []  # the loader's workers are gone once training returns
     assert len(losses[0]) == 4 and losses[0] == losses[2]
 
 

@@ -90,7 +90,9 @@ class HiMTokConfig:
     codebook_adapter: bool = False
     # Training only: this share of the code tokens in an answer's INPUT is swapped for random codes (their labels stay
     # true), so that the LM learns to predict the next code from the image and the request rather than by continuing
-    # the previous codes, which are exact when teacher-forced and wrong in free decoding (exposure bias).
+    # the previous codes, which are exact when teacher-forced and wrong in free decoding (exposure bias). The swaps
+    # draw from torch's global generator in the process that builds the batch, so unlike everything else in a batch
+    # they are not keyed by the step (they differ with train.num_workers and after a resume).
     code_input_noise: float = 0.0
 
 
