@@ -181,6 +181,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     mixed_precision: str = "bf16"  # "no" | "bf16" | "fp16"
     qa_fraction: float = 0.2  # share of understanding (QA) samples mixed into each epoch
+    # Share of referring samples drawn from the no-target expressions (the answer refuses, the mask is empty),
+    # whenever the curriculum allows them; None: as often as the data has them (SynthRef: about 10%).
+    no_target_fraction: float | None = None
     eval_every: int = 500
     eval_samples: int = 256
     save_every: int = 500
@@ -211,6 +214,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ValueError(f"train.num_workers must be >= 0, got {self.num_workers}")
+        if self.no_target_fraction is not None and not 0.0 <= self.no_target_fraction <= 1.0:
+            raise ValueError(f"train.no_target_fraction must be in [0, 1], got {self.no_target_fraction}")
         if self.batch_size < 1:
             raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
 

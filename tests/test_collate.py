@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mmseg.data.collate import Collator, ExamplePool
+from mmseg.data.prompts import NO_TARGET_ANSWER
 from mmseg.data.refer import ReferDataset, read_qa
 from tiny import tiny_model
 
@@ -22,6 +23,21 @@ def test_curriculum_draws_only_allowed_types(pool):
         assert ex.mask is not None  # attribute expressions always have a target
     with pytest.raises(ValueError, match="match no samples"):
         pool.draw(rng, 0.0, ["nonsense"])
+
+
+def test_no_target_fraction_sets_the_share_of_refusals(pool):
+    def share(fraction, types=None, n=600):
+        rng = random.Random(3)
+        draws = [pool.draw(rng, 0.0, types, no_target_fraction=fraction) for _ in range(n)]
+        return sum(ex.answer == NO_TARGET_ANSWER for ex in draws) / n
+
+    natural = share(None)
+    assert 0.0 < natural < 0.3
+    assert abs(share(0.5) - 0.5) < 0.08 and share(0.0) == 0.0
+    assert share(0.5, types=["attribute"]) == 0.0  # the curriculum still rules: no no-target phase, no refusals
+    # None leaves the draw exactly as before (same samples from the same seed)
+    a, b = random.Random(9), random.Random(9)
+    assert [pool.draw(a, 0.2).answer for _ in range(40)] == [pool.draw(b, 0.2, None, 0.0, None).answer for _ in range(40)]
 
 
 def test_collated_batch_matches_the_model_contract(pool):

@@ -18,6 +18,9 @@ from mmseg.modeling.heads.base import MaskHead
 from mmseg.modeling.patch_probe import SIZE_FAMILY, size_class
 from mmseg.processing import Processor
 
+# The refs' ``expr_type`` of expressions whose object is absent (SynthRef; real refCOCO has no such type).
+NO_TARGET_TYPE = "no_target"
+
 
 @dataclass(frozen=True)
 class Example:
@@ -92,13 +95,19 @@ class ExamplePool:
         return Example(path, rng.choice(LIST_TEMPLATES), answer, None, objects if self.with_objects else (), focus=focus)
 
     def draw(self, rng: random.Random, qa_fraction: float, types: Sequence[str] | None = None,
-             list_fraction: float = 0.0) -> Example:
+             list_fraction: float = 0.0, no_target_fraction: float | None = None) -> Example:
         """An object listing with probability ``list_fraction``, a QA pair with probability ``qa_fraction``, else a
-        referring sample (of ``types`` only, if given)."""
+        referring sample (of ``types`` only, if given). ``no_target_fraction`` (None: as the data has them) is the
+        share of referring samples drawn from the no-target expressions, whenever ``types`` allows them."""
         if list_fraction > 0 and rng.random() < list_fraction:
             return self.listing(rng)
         if self.qa and rng.random() < qa_fraction:
             return self.question(rng.randrange(len(self.qa)))
+        absent = self.by_type.get(NO_TARGET_TYPE)
+        if no_target_fraction is not None and absent and (types is None or NO_TARGET_TYPE in types):
+            if rng.random() < no_target_fraction:
+                return self.segmentation(absent[rng.randrange(len(absent))], rng)
+            types = [t for t in (types if types is not None else sorted(self.by_type)) if t != NO_TARGET_TYPE]
         if types is None:
             return self.segmentation(rng.randrange(len(self.refer)), rng)
         pools = [self.by_type[t] for t in types if t in self.by_type]
