@@ -79,8 +79,9 @@ def probe_accuracy(model: MMSegModel, collate: Collator, pool: ExamplePool, indi
 
 
 class TrainClock:
-    """The training progress a batch is drawn at, computable in a loader worker: the larger of the step fraction
-    and the wall-time fraction (as the training loop's own), from a wall-clock start shared by every process."""
+    """Training progress in [0, 1] for the learning-rate schedule and the curriculum: the larger of the step
+    fraction and the wall-time fraction, from a wall-clock start shared by every process, so that loader workers
+    can read it too."""
 
     def __init__(self, wall_start: float, total_steps: int, deadline_s: float | None) -> None:
         self.wall_start, self.total_steps, self.deadline_s = wall_start, total_steps, deadline_s
@@ -295,6 +296,10 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     model.train()
     window_start, window_samples = time.perf_counter(), 0
     last_metrics: dict = {}
+    wall_start = time.time() - elapsed_before
+    if world > 1:  # one clock for every process, so that all slices of a step come from the same phase
+        wall_start = broadcast_object_list([wall_start])[0]
+    clock = TrainClock(wall_start, total_steps, deadline)
     prefetched = None
     if cfg.num_workers > 0:
         # Workers inherit the data pool and collator by fork (the batch builder is a closure, which spawn would
@@ -302,19 +307,13 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
         if "fork" not in torch.multiprocessing.get_all_start_methods():
             raise ValueError("train.num_workers > 0 needs the 'fork' start method, which this platform lacks; "
                              "set train.num_workers to 0")
-        wall_start = time.time() - elapsed_before
-        if world > 1:  # one clock for every process, so that all slices of a step come from the same phase
-            wall_start = broadcast_object_list([wall_start])[0]
-        clock = TrainClock(wall_start, total_steps, deadline)
         prefetched = iter(torch.utils.data.DataLoader(
             StepBatches(host_batch, clock, step), batch_size=None, num_workers=cfg.num_workers,
             pin_memory=accelerator.device.type == "cuda", prefetch_factor=4, persistent_workers=False,
             multiprocessing_context="fork"))
     try:
         while step < total_steps:
-            progress_fraction = step / total_steps
-            if deadline is not None:
-                progress_fraction = max(progress_fraction, elapsed() / deadline)
+            progress_fraction = clock.progress(step)
             if world > 1:  # every process must use the same learning rate and curriculum phase
                 progress_fraction = broadcast_object_list([progress_fraction])[0]
             lr = lr_at(step, progress_fraction, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
