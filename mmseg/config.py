@@ -184,6 +184,11 @@ class TrainConfig:
     # Share of referring samples drawn from the no-target expressions (the answer refuses, the mask is empty),
     # whenever the curriculum allows them; None: as often as the data has them (SynthRef: about 10%).
     no_target_fraction: float | None = None
+    # Progress (of steps or wall time, as the curriculum) from which ``no_target_fraction`` applies; before it, the
+    # data's own share. Why late: refusing an absent object named by a relation needs the relation learnt first;
+    # measured, a run drawing 25% no-target samples throughout learnt relations more slowly (seed-1 testB cIoU 0.58
+    # against 0.66) than the same recipe at the data's 10%, which in turn refused too rarely (testB no-target 0.79).
+    no_target_from: float = 0.0
     eval_every: int = 500
     eval_samples: int = 256
     save_every: int = 500
@@ -216,8 +221,14 @@ class TrainConfig:
             raise ValueError(f"train.num_workers must be >= 0, got {self.num_workers}")
         if self.no_target_fraction is not None and not 0.0 <= self.no_target_fraction <= 1.0:
             raise ValueError(f"train.no_target_fraction must be in [0, 1], got {self.no_target_fraction}")
+        if not 0.0 <= self.no_target_from <= 1.0:
+            raise ValueError(f"train.no_target_from must be in [0, 1], got {self.no_target_from}")
         if self.batch_size < 1:
             raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
+
+    def no_target_fraction_at(self, progress: float) -> float | None:
+        """The share of no-target referring samples at ``progress`` in [0, 1] (None = the data's own)."""
+        return self.no_target_fraction if progress >= self.no_target_from else None
 
     def types_at(self, progress: float) -> list[str] | None:
         """The expression types the curriculum allows at ``progress`` in [0, 1] (None = all)."""

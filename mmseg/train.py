@@ -228,7 +228,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
         """This process's slice of global batch ``step_index``, on the host (CPU)."""
         rng = random.Random(cfg.seed * 1_000_003 + step_index)
         types = cfg.types_at(progress)
-        examples = [pool.draw(rng, cfg.qa_fraction, types, cfg.list_fraction, cfg.no_target_fraction)
+        examples = [pool.draw(rng, cfg.qa_fraction, types, cfg.list_fraction, cfg.no_target_fraction_at(progress))
                     for _ in range(cfg.batch_size)]
         return collate(examples[accelerator.process_index :: world])
 

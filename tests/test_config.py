@@ -52,6 +52,16 @@ def test_curriculum_phases():
     assert TrainConfig().types_at(0.3) is None
 
 
+def test_no_target_fraction_applies_from_its_start():
+    from mmseg.config import TrainConfig
+
+    late = TrainConfig(no_target_fraction=0.3, no_target_from=0.7)
+    assert late.no_target_fraction_at(0.0) is None and late.no_target_fraction_at(0.69) is None
+    assert late.no_target_fraction_at(0.7) == 0.3 and late.no_target_fraction_at(1.0) == 0.3
+    assert TrainConfig(no_target_fraction=0.2).no_target_fraction_at(0.0) == 0.2  # from the start by default
+    assert TrainConfig().no_target_fraction_at(0.9) is None
+
+
 def test_overrides_set_nested_values_parsed_as_json():
     preset = load_preset("tiny-stamp", ["train.batch_size=8", "train.max_minutes=null", "model.head.upsample=2",
                                         "model.image_attention=causal", "train.curriculum=[]"])
@@ -72,6 +82,7 @@ def test_overrides_set_nested_values_parsed_as_json():
     ("train.describe_targets=1", "describe_targets: expected bool"),
     ("train.lr=NaN", "NaN"),
     ("train.num_workers=-2", "num_workers must be >= 0"),
+    ("train.no_target_from=1.5", "no_target_from must be in"),
     ("model.lm.hidden_size=true", "hidden_size: expected int"),
 ])
 def test_bad_overrides_are_clear_errors(override, message):
