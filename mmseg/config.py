@@ -189,6 +189,12 @@ class TrainConfig:
     # Measured, 60 CPU minutes of tiny-stamp, seed-1 testB cIoU / testB no-target accuracy: data's 10% 0.66 / 0.79;
     # 25% throughout 0.58 / 0.90; 30% from 0.7 0.63 / 0.88 (so the preset keeps the data's share).
     no_target_from: float = 0.0
+    # Weight of the first answer token's cross-entropy, relative to the answer's other tokens (1.0: plain mean).
+    # That token decides between a target answer ("Sure, ...") and a refusal ("There is no ..."); it is one of
+    # about ten answer tokens, so a relational no-target (~5% of samples) sends it little gradient. Weighting it
+    # raises that signal for both classes alike, so it does not shift the refusal prior the way oversampling
+    # no-target samples does, and it costs no target samples.
+    decision_weight: float = 1.0
     eval_every: int = 500
     eval_samples: int = 256
     save_every: int = 500
@@ -223,6 +229,8 @@ class TrainConfig:
             raise ValueError(f"train.no_target_fraction must be in [0, 1], got {self.no_target_fraction}")
         if not 0.0 <= self.no_target_from <= 1.0:
             raise ValueError(f"train.no_target_from must be in [0, 1], got {self.no_target_from}")
+        if not self.decision_weight > 0:
+            raise ValueError(f"train.decision_weight must be > 0, got {self.decision_weight}")
         if self.batch_size < 1:
             raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
 

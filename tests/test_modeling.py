@@ -204,3 +204,20 @@ def test_eager_attention_gives_the_same_losses_tokens_and_masks_as_sdpa():
     assert len(ours.masks) == len(theirs.masks)
     for m1, m2 in zip(ours.masks, theirs.masks):
         assert (m1 == m2).mean() > 0.999
+
+
+def test_answer_cross_entropy_weights_only_each_rows_first_answer_token():
+    import torch.nn.functional as F
+
+    from mmseg.modeling.losses import answer_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, 5, 6], [-100, -100, -100, -100, 7, 8]])
+    plain = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert torch.allclose(answer_cross_entropy(logits, labels), plain)
+    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                                reduction="none").view(2, 5)
+    first = per_token[0, 1] + per_token[1, 3]  # the positions predicting labels 3 and 7
+    expected = (per_token.sum() + 2.0 * first) / 6
+    assert torch.allclose(answer_cross_entropy(logits, labels, first_weight=3.0), expected)

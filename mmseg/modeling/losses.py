@@ -39,3 +39,21 @@ def gaussian_blur(masks: torch.Tensor, sigma: float) -> torch.Tensor:
     out = F.conv2d(F.pad(out, (radius, radius, 0, 0)), kernel.view(1, 1, 1, -1))  # along width
     out = F.conv2d(F.pad(out, (0, 0, radius, radius)), kernel.view(1, 1, -1, 1))  # along height
     return out[:, 0]
+
+
+def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, first_weight: float = 1.0) -> torch.Tensor:
+    """Next-token cross-entropy of ``logits (B, T, V)`` against ``labels (B, T)`` (-100 = not scored), with each
+    row's first scored token weighted ``first_weight`` times; normalised by the number of scored tokens, so
+    ``first_weight = 1`` is the plain mean and the other tokens' gradient never shrinks as the weight grows.
+
+    Why the first token: in an answer it is the decision (a target answer or a refusal; a QA answer's word), and
+    every later token follows from it (see ``TrainConfig.decision_weight``)."""
+    targets = labels[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                         reduction="none").view_as(targets)
+    scored = targets != -100
+    count = scored.sum().clamp(min=1)
+    if first_weight == 1.0:
+        return ce.sum() / count
+    first = scored & (scored.long().cumsum(1) == 1)  # (B, T-1): each row's first scored position
+    return (ce.sum() + (first_weight - 1.0) * ce[first].sum()) / count

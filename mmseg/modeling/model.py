@@ -12,6 +12,7 @@ from torch import nn
 
 from mmseg.config import ModelConfig
 from mmseg.modeling.grounding import GroundingProbe, focus_loss
+from mmseg.modeling.losses import answer_cross_entropy
 from mmseg.modeling.heads.base import MaskHead
 from mmseg.modeling.patch_probe import PatchProbe
 from mmseg.modeling.projector import MLPProjector, PatchMerger
@@ -66,6 +67,7 @@ class MMSegModel(nn.Module):
         self.grounder = grounder  # optional: the LM's image positions predict the answer's focus (training only)
         self.ground_weight = 1.0  # set by the trainer from its config
         self.vision_grad_scale = 1.0  # set by the trainer from its config
+        self.decision_weight = 1.0  # set by the trainer from its config (TrainConfig.decision_weight)
         self._image_positions: torch.Tensor | None = None  # (B, Q) for the decoder pass in flight (the grounder's hook)
         if config.image_attention not in IMAGE_ATTENTION:
             raise ValueError(f"image_attention must be one of {IMAGE_ATTENTION}, got {config.image_attention!r}")
@@ -193,8 +195,7 @@ class MMSegModel(nn.Module):
         text_hidden = hidden[:, :t]
         logits = self.lm.get_output_embeddings()(text_hidden)
         labels = batch["labels"]
-        text_ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        losses = {"text_ce": text_ce}
+        losses = {"text_ce": answer_cross_entropy(logits, labels, self.decision_weight)}
         losses.update(self.head.loss(batch, text_hidden, logits, hidden[:, t:] if extra is not None else None))
         if self.probe is not None and "patch_labels" in batch:
             losses["patch_probe"] = self.probe_weight * self.probe.loss(features, batch["patch_labels"],
