@@ -26,7 +26,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from mmseg.train import train
 
     preset = load_preset(args.config, args.set)
-    summary = train(preset, args.data, args.out, max_minutes=args.max_minutes, max_steps=args.max_steps)
+    summary = train(preset, args.data, args.out, max_minutes=args.max_minutes, max_steps=args.max_steps, init=args.init)
     print(json.dumps(summary, indent=2))
 
 
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint folder (re-run to resume)")
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from this checkpoint's weights and tokenizer (fine-tuning; ignored when resuming)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a preset value, e.g. --set train.batch_size=64 --set train.num_workers=8 (repeatable)")
     p.set_defaults(func=_cmd_train)

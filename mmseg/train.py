@@ -141,10 +141,12 @@ def plot_curve(history: list[dict], path: Path) -> None:
 
 
 def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes: float | None = None,
-          max_steps: int | None = None, progress: bool = True) -> dict:
+          max_steps: int | None = None, progress: bool = True, init: str | Path | None = None) -> dict:
     """Train ``preset`` on the SynthRef (or REFER-layout) data in ``data_dir``; checkpoints go to ``out_dir``.
 
-    Re-running with the same ``out_dir`` resumes from the last saved state. Returns the last validation metrics.
+    Re-running with the same ``out_dir`` resumes from the last saved state. ``init``: a checkpoint folder whose
+    tokenizer and weights a new run starts from (fine-tuning: fresh optimizer, warm-up and schedule; the preset's
+    architecture must match it); a resumed run ignores it. Returns the last validation metrics.
     A head with its own training (:meth:`~mmseg.modeling.heads.base.MaskHead.trainer`, e.g. the shaper) runs that
     instead, with the same arguments.
     """
@@ -153,6 +155,8 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     head_cls, _ = head_config(preset.model.head)
     own_trainer = head_cls.trainer()
     if own_trainer is not None:
+        if init is not None:
+            raise ValueError(f"the {preset.model.head_name} head has its own training, which takes no init checkpoint")
         return own_trainer(preset, data_dir, out_dir, max_minutes=max_minutes, max_steps=max_steps, progress=progress)
 
     from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -187,6 +191,8 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     if resuming:
         model, processor = load_pretrained(out_dir)
         model.train()
+    elif init is not None:
+        model, processor = init_from_checkpoint(preset.model, init)
     else:
         tokenizer = build_tokenizer(preset.model, text_corpus(train_set, train_qa), cfg.vocab_size)
         model, processor = build_model(preset.model, tokenizer)
@@ -231,7 +237,11 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
         types = cfg.types_at(progress)
         examples = [pool.draw(rng, cfg.qa_fraction, types, cfg.list_fraction, cfg.no_target_fraction_at(progress))
                     for _ in range(cfg.batch_size)]
-        return collate(examples[accelerator.process_index :: world])
+        # one seed per example for what the collator draws (e.g. HiMTok's code-input noise), so that neither the
+        # process count nor loader workers change a batch
+        seeds = [rng.getrandbits(32) for _ in examples]
+        mine = slice(accelerator.process_index, None, world)
+        return collate(examples[mine], seeds=seeds[mine])
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}

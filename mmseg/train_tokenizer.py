@@ -22,6 +22,7 @@ from mmseg.data.shapes import random_mask
 from mmseg.masks import decode_segmentation
 from mmseg.modeling.losses import dice_loss
 from mmseg.modeling.mask_tokenizer import MaskTokenizer, MaskTokenizerConfig
+from mmseg.train import lr_at
 
 STATE_FILE = "tokenizer_train_state.pt"
 
@@ -179,8 +180,7 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
                 progress_fraction = min(1.0, max(progress_fraction, spent))
             for group in optimizer.param_groups:
                 # a plain float: the optimizer state is saved and reloaded with torch.load(weights_only=True)
-                cosine = 0.1 + 0.45 * (1 + np.cos(np.pi * progress_fraction))
-                group["lr"] = float(lr * min(1.0, (step + 1) / warmup_steps) * cosine)
+                group["lr"] = float(lr_at(step, progress_fraction, lr, warmup_steps, min_ratio=0.1))
             losses = tokenizer_loss(model, masks, keep)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()

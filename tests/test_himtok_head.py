@@ -588,6 +588,22 @@ def test_code_input_noise_corrupts_inputs_only(tokenizer_dir):
     assert new_ids[:start] == ids[:start] and new_labels[:start] == labels[:start]
 
 
+def test_code_input_noise_is_keyed_by_the_samples_generator(tokenizer_dir):
+    """The trainer hands each sample a generator seeded by step and sample: the same seed gives the same swaps
+    whatever the global RNG did, another seed other swaps."""
+    import random
+
+    model, proc = _model(tokenizer_dir, code_input_noise=0.5)
+    ids, labels = proc.encode_chat([{"role": "user", "content": "the red circle"}], "Sure, <seg>.")
+    torch.manual_seed(0)
+    first = model.head.expand_targets(ids, labels, _square_mask(), rng=random.Random(7))
+    torch.manual_seed(1)
+    again = model.head.expand_targets(ids, labels, _square_mask(), rng=random.Random(7))
+    other = model.head.expand_targets(ids, labels, _square_mask(), rng=random.Random(8))
+    assert first == again
+    assert first[0] != other[0] and first[1] == other[1]  # other inputs, same labels
+
+
 def test_host_targets_encode_with_a_host_copy_that_moving_the_model_leaves_behind(himtok):
     """Loader workers build HiMTok targets; with the model on an accelerator they use a CPU copy of the tokenizer."""
     model, _ = himtok

@@ -221,3 +221,27 @@ def test_answer_cross_entropy_weights_only_each_rows_first_answer_token():
     first = per_token[0, 1] + per_token[1, 3]  # the positions predicting labels 3 and 7
     expected = (per_token.sum() + 2.0 * first) / 6
     assert torch.allclose(answer_cross_entropy(logits, labels, first_weight=3.0), expected)
+
+
+def test_init_from_checkpoint_takes_the_weights_under_the_new_configs_options(tmp_path):
+    """Fine-tuning starts from a checkpoint's weights and tokenizer under a preset whose training options differ;
+    an architecture that does not match is a clear error."""
+    import dataclasses
+
+    from mmseg.modeling.builder import init_from_checkpoint
+
+    model, proc = tiny_model()
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    config = tiny_config(mask_loss_weight=2.0)
+    started, started_proc = init_from_checkpoint(config, tmp_path)
+    assert started.training and started.head.config.mask_loss_weight == 2.0
+    assert len(started_proc.tokenizer) == len(proc.tokenizer)
+    theirs = model.state_dict()
+    for name, value in started.state_dict().items():
+        assert torch.equal(value, theirs[name]), name
+    wider = dataclasses.replace(config, lm=dataclasses.replace(config.lm, intermediate_size=96))
+    with pytest.raises(CheckpointError, match="do not match the config"):
+        init_from_checkpoint(wider, tmp_path)
+    with pytest.raises(CheckpointError, match="not found"):
+        init_from_checkpoint(config, tmp_path / "missing")

@@ -151,17 +151,21 @@ class Collator:
             raise ValueError(f'patch_labels\' "{SIZE_FAMILY}" family and size_bins go together (pass both or neither; '
                              "the model's families are model.probe.families, its bins config.patch_size_bins)")
 
-    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[Example], seeds: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """``seeds``: one per example, for what the head draws when it expands targets (None: its own draws)."""
+        if seeds is not None and len(seeds) != len(examples):
+            raise ValueError(f"{len(seeds)} seeds for {len(examples)} examples")
         proc = self.processor
         rows, labels, pixels, targets, label_maps, focus = [], [], [], [], [], []
-        for ex in examples:
+        for i, ex in enumerate(examples):
             px, box = self.memo.get(("image", ex.image_path), lambda: proc.preprocess_image(load_image(ex.image_path)))
             if self.label_index:
                 label_maps.append(self.memo.get(("labels", ex.image_path, len(ex.objects)),
                                                 lambda: self._label_maps(ex.objects, box).to(torch.int16)).long())
             target = self._place(ex.image_path, ex.mask, box) if ex.mask is not None else torch.zeros(proc.image_size, proc.image_size)
             ids, lab = proc.encode_chat([{"role": "user", "content": ex.prompt}], ex.answer)
-            ids, lab = self.head.expand_targets(ids, lab, target if ex.mask is not None else None)
+            ids, lab = self.head.expand_targets(ids, lab, target if ex.mask is not None else None,
+                                                rng=random.Random(seeds[i]) if seeds is not None else None)
             rows.append(ids)
             labels.append(lab)
             pixels.append(px)

@@ -114,12 +114,8 @@ def is_checkpoint(folder: str | Path) -> bool:
     return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
-def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[MMSegModel, Processor]:
-    """Load a checkpoint folder written by ``save_pretrained`` (config, safetensors weights, tokenizer,
-    processor config, head assets). Raises :class:`CheckpointError` with what is wrong and what was expected."""
-    from safetensors.torch import load_model
-
-    folder = Path(folder)
+def _checkpoint_config(folder: Path) -> ModelConfig:
+    """The model config of checkpoint ``folder``, after checking that the folder is one."""
     expected = f"expected a folder with {CONFIG_FILE}, {WEIGHTS_FILE}, {PROCESSOR_FILE} and tokenizer files"
     if not folder.exists():
         raise CheckpointError(f"checkpoint folder not found: {folder} ({expected})")
@@ -132,13 +128,23 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> t
         payload = json.loads((folder / CONFIG_FILE).read_text())
         if payload.get("architecture") != "MMSegModel":
             raise CheckpointError(f"{folder / CONFIG_FILE} is not an mmseg config (architecture={payload.get('architecture')!r})")
-        config = ModelConfig.from_dict(payload["model"])
+        return ModelConfig.from_dict(payload["model"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{folder / CONFIG_FILE} is unreadable: {err}") from None
-    processor = Processor.from_pretrained(folder)
-    model, processor = build_model(config, processor.tokenizer, load_weights=False, asset_dir=folder)
+
+
+def _load_weights(model: MMSegModel, folder: Path, device: str | torch.device) -> None:
+    """Fill ``model`` from ``folder``'s safetensors weights; every key must match."""
+    from safetensors.torch import load_model
+
     try:
         missing_keys, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False, device=str(device))
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise CheckpointError(f"cannot read weights {folder / WEIGHTS_FILE}: {err}") from None
+        shapes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise CheckpointError(f"weights in {folder} do not match the config: {len(shapes)} tensors differ in shape "
+                              f"(e.g. {shapes[0]})") from None
     except Exception as err:  # safetensors raises several types for truncated/corrupt files
         raise CheckpointError(f"cannot read weights {folder / WEIGHTS_FILE}: {err}") from None
     if missing_keys or unexpected:
@@ -146,4 +152,26 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> t
             f"weights in {folder} do not match the config: {len(missing_keys)} missing (e.g. {missing_keys[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
+
+
+def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[MMSegModel, Processor]:
+    """Load a checkpoint folder written by ``save_pretrained`` (config, safetensors weights, tokenizer,
+    processor config, head assets). Raises :class:`CheckpointError` with what is wrong and what was expected."""
+    folder = Path(folder)
+    config = _checkpoint_config(folder)
+    processor = Processor.from_pretrained(folder)
+    model, processor = build_model(config, processor.tokenizer, load_weights=False, asset_dir=folder)
+    _load_weights(model, folder, device)
     return model.to(device).eval(), processor
+
+
+def init_from_checkpoint(config: ModelConfig, folder: str | Path) -> tuple[MMSegModel, Processor]:
+    """The start of a fine-tuning run: a model built from ``config`` (a preset, e.g. with other training options for
+    its head) holding the tokenizer and weights of checkpoint ``folder``. The architectures must match: a
+    :class:`CheckpointError` names the keys that differ. Returned on the CPU in training mode."""
+    folder = Path(folder)
+    _checkpoint_config(folder)
+    processor = Processor.from_pretrained(folder)
+    model, processor = build_model(config, processor.tokenizer, load_weights=False)
+    _load_weights(model, folder, "cpu")
+    return model.train(), processor

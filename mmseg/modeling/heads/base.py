@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import random
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -83,8 +85,11 @@ class MaskHead(nn.Module):
         model's device, so that forked DataLoader workers (which cannot use the parent's accelerator) can build
         targets. Default: nothing to do (the targets need no model part)."""
 
-    def expand_targets(self, input_ids: list[int], labels: list[int], mask: torch.Tensor | None) -> tuple[list[int], list[int]]:
-        """Training: rewrite one sample's ids/labels where ``<seg>`` stands. ``mask`` is ``(S, S)`` in {0,1} or None."""
+    def expand_targets(self, input_ids: list[int], labels: list[int], mask: torch.Tensor | None,
+                       rng: random.Random | None = None) -> tuple[list[int], list[int]]:
+        """Training: rewrite one sample's ids/labels where ``<seg>`` stands. ``mask`` is ``(S, S)`` in {0,1} or None.
+        ``rng``: the sample's own generator for anything drawn at random (the trainer keys it by step and sample);
+        None: the head's own draws."""
         return input_ids, labels
 
     def extra_inputs(self, batch: dict[str, torch.Tensor], image_features: torch.Tensor) -> ExtraInputs | None:

@@ -31,10 +31,12 @@ Mask tokenizer location: a checkpoint keeps it in ``<checkpoint>/mask_tokenizer/
 
 from __future__ import annotations
 
+
 import copy
 import dataclasses
 import json
 import numbers
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,9 +92,8 @@ class HiMTokConfig:
     codebook_adapter: bool = False
     # Training only: this share of the code tokens in an answer's INPUT is swapped for random codes (their labels stay
     # true), so that the LM learns to predict the next code from the image and the request rather than by continuing
-    # the previous codes, which are exact when teacher-forced and wrong in free decoding (exposure bias). The swaps
-    # draw from torch's global generator in the process that builds the batch, so unlike everything else in a batch
-    # they are not keyed by the step (they differ with train.num_workers and after a resume).
+    # the previous codes, which are exact when teacher-forced and wrong in free decoding (exposure bias). The trainer
+    # keys the swaps by step and sample, like everything else in a batch.
     code_input_noise: float = 0.0
 
 
@@ -297,7 +298,8 @@ class HiMTokHead(MaskHead):
         if self._host_tokenizer is None:
             self._host_tokenizer = [copy.deepcopy(self.mask_tokenizer).cpu().eval()]  # a list: not a submodule
 
-    def expand_targets(self, input_ids: list[int], labels: list[int], mask: torch.Tensor | None) -> tuple[list[int], list[int]]:
+    def expand_targets(self, input_ids: list[int], labels: list[int], mask: torch.Tensor | None,
+                       rng: random.Random | None = None) -> tuple[list[int], list[int]]:
         """Each labelled ``<seg>`` -> ``<mt_start>`` + the K codes of ``mask (S, S)`` + ``<mt_end>``, all labelled.
         An unlabelled ``<seg>`` (an earlier turn in the prompt) stays as it is, as it does at inference."""
         seg = self.seg_token_id
@@ -309,8 +311,9 @@ class HiMTokHead(MaskHead):
         span = [self.mt_start_id, *(self._code_token_list[c] for c in codes), self.mt_end_id]
         noisy = span
         if self.config.code_input_noise > 0:
-            swap = torch.rand(len(codes)) < self.config.code_input_noise
-            inputs = torch.where(swap, torch.randint(self.codebook_size, (len(codes),)), torch.tensor(codes)).tolist()
+            draw = rng or random.Random(int(torch.randint(2**31, ())))  # keyed by the sample when the trainer says so
+            p, v = self.config.code_input_noise, self.codebook_size
+            inputs = [draw.randrange(v) if draw.random() < p else c for c in codes]
             noisy = [self.mt_start_id, *(self._code_token_list[c] for c in inputs), self.mt_end_id]
         ids_out: list[int] = []
         labels_out: list[int] = []
