@@ -21,7 +21,7 @@ from mmseg.config import Preset
 from mmseg.data.collate import Collator, ExamplePool
 from mmseg.data.prompts import LIST_TEMPLATES, NO_TARGET_ANSWER, REGION_PHRASES, SEGMENT_TEMPLATES, TARGET_ANSWER
 from mmseg.data.refer import ReferDataset, read_qa
-from mmseg.modeling.builder import build_model, build_tokenizer, is_checkpoint, load_pretrained
+from mmseg.modeling.builder import build_model, build_tokenizer, init_from_checkpoint, is_checkpoint, load_pretrained
 from mmseg.modeling.model import MMSegModel
 from mmseg.perf import count_flops, matmul_peak_gflops
 
