@@ -193,7 +193,8 @@ class TrainConfig:
     # That token decides between a target answer ("Sure, ...") and a refusal ("There is no ..."); it is one of
     # about ten answer tokens, so a relational no-target (~5% of samples) sends it little gradient. Weighting it
     # raises that signal for both classes alike, so it does not shift the refusal prior the way oversampling
-    # no-target samples does, and it costs no target samples.
+    # no-target samples does, and it costs no target samples. Measured (60 CPU minutes of tiny-stamp, weight 4):
+    # seed-1 val cIoU 0.67 against 0.81 at weight 1, testB no-target 0.78 against 0.79, so the preset keeps 1.
     decision_weight: float = 1.0
     eval_every: int = 500
     eval_samples: int = 256

@@ -258,7 +258,8 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
             processor.save_pretrained(out_dir)
             (state_dir / "progress.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed()}))
             (out_dir / "train_config.json").write_text(json.dumps(
-                {"preset": preset.name, "train": asdict(cfg), "data": str(data_dir), "world_size": world}, indent=2))
+                {"preset": preset.name, "train": asdict(cfg), "data": str(data_dir), "world_size": world,
+                 "init": str(init) if init is not None else None}, indent=2))
             (out_dir / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
             plot_curve(history, out_dir / CURVE_FILE)
         accelerator.wait_for_everyone()

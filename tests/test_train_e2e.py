@@ -72,6 +72,29 @@ def test_resume_continues_where_it_stopped(synthref_root, tmp_path):
 
 
 @pytest.mark.slow
+def test_init_fine_tunes_from_a_checkpoint(synthref_root, tmp_path, capsys):
+    """``mmseg train --init CKPT`` starts a new run from the checkpoint's weights (its first loss is the trained
+    model's, not a fresh one's); a preset whose architecture differs stops with a clear message."""
+    from mmseg.train import train
+
+    preset = _preset(tmp_path, max_steps=8)
+    base = tmp_path / "base"
+    train(load_preset(preset), synthref_root, base, progress=False)
+    fresh_first = json.loads((base / "history.jsonl").read_text().splitlines()[0])["loss"]
+    tuned = tmp_path / "tuned"
+    assert cli_main(["train", "--config", str(preset), "--data", str(synthref_root), "--out", str(tuned),
+                     "--init", str(base), "--max-steps", "2", "--set", "train.lr=1e-4"]) == 0
+    tuned_first = json.loads((tuned / "history.jsonl").read_text().splitlines()[0])["loss"]
+    assert tuned_first < fresh_first
+    assert (tuned / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+
+    capsys.readouterr()
+    code = cli_main(["train", "--config", str(preset), "--data", str(synthref_root), "--out", str(tmp_path / "x"),
+                     "--init", str(base), "--set", "model.lm.intermediate_size=96"])
+    assert code == 2 and "do not match the config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_two_process_accelerate_run(synthref_root, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -93,7 +93,10 @@ class HiMTokConfig:
     # Training only: this share of the code tokens in an answer's INPUT is swapped for random codes (their labels stay
     # true), so that the LM learns to predict the next code from the image and the request rather than by continuing
     # the previous codes, which are exact when teacher-forced and wrong in free decoding (exposure bias). The trainer
-    # keys the swaps by step and sample, like everything else in a batch.
+    # keys the swaps by step and sample, like everything else in a batch. Measured (session 10, 20-minute CPU
+    # fine-tunes of the GPU-trained synthref-himtok; seed-1 val / testB cIoU with its own answers): 0.0 -> 0.358 /
+    # 0.189, 0.3 -> 0.378 / 0.231, 0.6 -> 0.412 / 0.260, 1.0 -> 0.441 / 0.289. At 1.0 the codes are predicted from
+    # the context alone and teacher-forced and free decoding agree (mean IoU 0.540 / 0.533; at 0.0, 0.743 / 0.391).
     code_input_noise: float = 0.0
 
 
