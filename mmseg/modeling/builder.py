@@ -134,18 +134,16 @@ def _checkpoint_config(folder: Path) -> ModelConfig:
 
 
 def _load_weights(model: MMSegModel, folder: Path, device: str | torch.device) -> None:
-    """Fill ``model`` from ``folder``'s safetensors weights; every key must match."""
+    """Fill ``model`` from ``folder``'s safetensors weights; every key and shape must match."""
     from safetensors.torch import load_model
 
     try:
         missing_keys, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False, device=str(device))
-    except RuntimeError as err:
-        if "size mismatch" not in str(err):
-            raise CheckpointError(f"cannot read weights {folder / WEIGHTS_FILE}: {err}") from None
+    except Exception as err:  # safetensors raises several types for truncated/corrupt files; torch for shapes
         shapes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
-        raise CheckpointError(f"weights in {folder} do not match the config: {len(shapes)} tensors differ in shape "
-                              f"(e.g. {shapes[0]})") from None
-    except Exception as err:  # safetensors raises several types for truncated/corrupt files
+        if shapes:
+            raise CheckpointError(f"weights in {folder} do not match the config: {len(shapes)} tensors differ in "
+                                  f"shape (e.g. {shapes[0]})") from None
         raise CheckpointError(f"cannot read weights {folder / WEIGHTS_FILE}: {err}") from None
     if missing_keys or unexpected:
         raise CheckpointError(
@@ -154,24 +152,28 @@ def _load_weights(model: MMSegModel, folder: Path, device: str | torch.device) -
         )
 
 
+def _assemble(folder: Path, config: ModelConfig, device: str | torch.device,
+              asset_dir: Path | None) -> tuple[MMSegModel, Processor]:
+    """A model built from ``config`` with the tokenizer and weights of checkpoint ``folder``."""
+    processor = Processor.from_pretrained(folder)
+    model, processor = build_model(config, processor.tokenizer, load_weights=False, asset_dir=asset_dir)
+    _load_weights(model, folder, device)
+    return model, processor
+
+
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[MMSegModel, Processor]:
     """Load a checkpoint folder written by ``save_pretrained`` (config, safetensors weights, tokenizer,
     processor config, head assets). Raises :class:`CheckpointError` with what is wrong and what was expected."""
     folder = Path(folder)
-    config = _checkpoint_config(folder)
-    processor = Processor.from_pretrained(folder)
-    model, processor = build_model(config, processor.tokenizer, load_weights=False, asset_dir=folder)
-    _load_weights(model, folder, device)
+    model, processor = _assemble(folder, _checkpoint_config(folder), device, asset_dir=folder)
     return model.to(device).eval(), processor
 
 
 def init_from_checkpoint(config: ModelConfig, folder: str | Path) -> tuple[MMSegModel, Processor]:
     """The start of a fine-tuning run: a model built from ``config`` (a preset, e.g. with other training options for
-    its head) holding the tokenizer and weights of checkpoint ``folder``. The architectures must match: a
-    :class:`CheckpointError` names the keys that differ. Returned on the CPU in training mode."""
+    its head; its own head assets) holding the tokenizer and weights of checkpoint ``folder``. The architectures
+    must match: a :class:`CheckpointError` names the tensors that differ. Returned on the CPU in training mode."""
     folder = Path(folder)
-    _checkpoint_config(folder)
-    processor = Processor.from_pretrained(folder)
-    model, processor = build_model(config, processor.tokenizer, load_weights=False)
-    _load_weights(model, folder, "cpu")
+    _checkpoint_config(folder)  # a clear error when the folder is not a checkpoint
+    model, processor = _assemble(folder, config, "cpu", asset_dir=None)
     return model.train(), processor

@@ -12,8 +12,8 @@ from torch import nn
 
 from mmseg.config import ModelConfig
 from mmseg.modeling.grounding import GroundingProbe, focus_loss
-from mmseg.modeling.losses import answer_cross_entropy
 from mmseg.modeling.heads.base import MaskHead
+from mmseg.modeling.losses import answer_cross_entropy
 from mmseg.modeling.patch_probe import PatchProbe
 from mmseg.modeling.projector import MLPProjector, PatchMerger
 from mmseg.modeling.vision import VisionTower

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import random
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar

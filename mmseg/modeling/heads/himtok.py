@@ -31,7 +31,6 @@ Mask tokenizer location: a checkpoint keeps it in ``<checkpoint>/mask_tokenizer/
 
 from __future__ import annotations
 
-
 import copy
 import dataclasses
 import json
