@@ -222,8 +222,17 @@ class TrainConfig:
     # Curriculum: [[progress_from, [expression types]], ...]; from each progress fraction (of steps or wall
     # time, whichever is further) only those referring types are drawn; null types = all. Empty = no curriculum.
     curriculum: tuple = ()
+    # Relative draw weight of each referring expression type, per sentence ({"relational": 2.0}: a relational
+    # sentence is drawn twice as often as under uniform draws; unnamed types weigh 1). Where the budget is fixed,
+    # it puts steps on the skills that lag (relations) instead of the ones already learnt (attributes).
+    type_weights: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.type_weights, dict):
+            raise ValueError(f'train.type_weights must be a mapping such as {{"relational": 2.0}}, got {self.type_weights!r}')
+        for kind, weight in self.type_weights.items():
+            if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and weight >= 0):
+                raise ValueError(f"train.type_weights[{kind!r}] must be a number >= 0, got {weight!r}")
         if self.num_workers < 0:
             raise ValueError(f"train.num_workers must be >= 0, got {self.num_workers}")
         if self.no_target_fraction is not None and not 0.0 <= self.no_target_fraction <= 1.0:

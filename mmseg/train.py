@@ -235,8 +235,8 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
         """This process's slice of global batch ``step_index``, on the host (CPU)."""
         rng = random.Random(cfg.seed * 1_000_003 + step_index)
         types = cfg.types_at(progress)
-        examples = [pool.draw(rng, cfg.qa_fraction, types, cfg.list_fraction, cfg.no_target_fraction_at(progress))
-                    for _ in range(cfg.batch_size)]
+        examples = [pool.draw(rng, cfg.qa_fraction, types, cfg.list_fraction, cfg.no_target_fraction_at(progress),
+                              cfg.type_weights) for _ in range(cfg.batch_size)]
         # one seed per example for what the collator draws (e.g. HiMTok's code-input noise), so that neither the
         # process count nor loader workers change a batch
         seeds = [rng.getrandbits(32) for _ in examples]

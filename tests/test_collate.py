@@ -40,6 +40,31 @@ def test_no_target_fraction_sets_the_share_of_refusals(pool):
     assert [pool.draw(a, 0.2).answer for _ in range(40)] == [pool.draw(b, 0.2, None, 0.0, None).answer for _ in range(40)]
 
 
+def test_type_weights_set_each_types_share(pool, monkeypatch):
+    type_of = {i: t for t, indices in pool.by_type.items() for i in indices}
+    drawn: list[str] = []
+    real = pool.segmentation
+    monkeypatch.setattr(pool, "segmentation", lambda index, rng: drawn.append(type_of[index]) or real(index, rng))
+
+    def shares(weights, types=None, n=800):
+        drawn.clear()
+        rng = random.Random(5)
+        for _ in range(n):
+            pool.draw(rng, 0.0, types, type_weights=weights)
+        return {t: drawn.count(t) / n for t in pool.by_type}
+
+    sizes = {t: len(v) for t, v in pool.by_type.items()}
+    weights = {"relational": 3.0, "attribute": 0.0}
+    expected = {t: sizes[t] * weights.get(t, 1.0) for t in sizes}
+    got = shares(weights)
+    for t in sizes:
+        assert abs(got[t] - expected[t] / sum(expected.values())) < 0.06, (t, got)
+    assert got["attribute"] == 0.0
+    assert set(shares({"relational": 5.0}, types=["attribute"]).items()) >= {("attribute", 1.0)}  # curriculum rules
+    with pytest.raises(ValueError, match="leave no referring type"):
+        pool.draw(random.Random(0), 0.0, ["attribute"], type_weights={"attribute": 0.0})
+
+
 def test_collated_batch_matches_the_model_contract(pool):
     model, proc = tiny_model()
     rng = random.Random(1)

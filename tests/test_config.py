@@ -62,6 +62,15 @@ def test_no_target_fraction_applies_from_its_start():
     assert TrainConfig().no_target_fraction_at(0.9) is None
 
 
+def test_type_weights_are_checked():
+    from mmseg.config import TrainConfig
+
+    assert load_preset("tiny-stamp", ['train.type_weights={"relational": 2}']).train.type_weights == {"relational": 2}
+    for bad in ([1.0], {"relational": -1}, {"relational": "x"}, {"relational": True}):
+        with pytest.raises(ValueError, match="type_weights"):
+            TrainConfig(type_weights=bad)
+
+
 def test_overrides_set_nested_values_parsed_as_json():
     preset = load_preset("tiny-stamp", ["train.batch_size=8", "train.max_minutes=null", "model.head.upsample=2",
                                         "model.image_attention=causal", "train.curriculum=[]"])

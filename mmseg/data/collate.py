@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -95,10 +95,13 @@ class ExamplePool:
         return Example(path, rng.choice(LIST_TEMPLATES), answer, None, objects if self.with_objects else (), focus=focus)
 
     def draw(self, rng: random.Random, qa_fraction: float, types: Sequence[str] | None = None,
-             list_fraction: float = 0.0, no_target_fraction: float | None = None) -> Example:
+             list_fraction: float = 0.0, no_target_fraction: float | None = None,
+             type_weights: Mapping[str, float] | None = None) -> Example:
         """An object listing with probability ``list_fraction``, a QA pair with probability ``qa_fraction``, else a
         referring sample (of ``types`` only, if given). ``no_target_fraction`` (None: as the data has them) is the
-        share of referring samples drawn from the no-target expressions, whenever ``types`` allows them."""
+        share of referring samples drawn from the no-target expressions, whenever ``types`` allows them.
+        ``type_weights``: relative weight per sentence of each expression type (unnamed types: 1), so a type's share
+        is proportional to its sentence count times its weight."""
         if list_fraction > 0 and rng.random() < list_fraction:
             return self.listing(rng)
         if self.qa and rng.random() < qa_fraction:
@@ -108,13 +111,19 @@ class ExamplePool:
             if rng.random() < no_target_fraction:
                 return self.segmentation(absent[rng.randrange(len(absent))], rng)
             types = [t for t in (types if types is not None else sorted(self.by_type)) if t != NO_TARGET_TYPE]
-        if types is None:
+        if types is None and not type_weights:
             return self.segmentation(rng.randrange(len(self.refer)), rng)
-        pools = [self.by_type[t] for t in types if t in self.by_type]
-        if not pools:
-            raise ValueError(f"curriculum types {list(types)} match no samples; present: {sorted(self.by_type)}")
-        total = sum(len(p) for p in pools)
-        k = rng.randrange(total)
+        names = [t for t in (types if types is not None else sorted(self.by_type)) if t in self.by_type]
+        if not names:
+            raise ValueError(f"curriculum types {list(types or [])} match no samples; present: {sorted(self.by_type)}")
+        pools = [self.by_type[t] for t in names]
+        if type_weights:
+            weights = [len(p) * float(type_weights.get(t, 1.0)) for t, p in zip(names, pools)]
+            if not sum(weights) > 0:
+                raise ValueError(f"type_weights {dict(type_weights)} leave no referring type to draw among {names}")
+            pool = rng.choices(pools, weights=weights)[0]
+            return self.segmentation(pool[rng.randrange(len(pool))], rng)
+        k = rng.randrange(sum(len(p) for p in pools))
         for pool in pools:
             if k < len(pool):
                 return self.segmentation(pool[k], rng)
