@@ -33,8 +33,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
     from mmseg.train_tokenizer import train_tokenizer
 
-    summary = train_tokenizer(args.data, args.out, steps=args.steps, batch_size=args.batch_size,
-                              max_minutes=args.max_minutes, device=args.device, num_workers=args.workers)
+    config = None
+    if args.set or args.init is None:
+        from mmseg.modeling.mask_tokenizer import MaskTokenizer, MaskTokenizerConfig
+
+        base = MaskTokenizer.from_pretrained(args.init).config if args.init else MaskTokenizerConfig()
+        config = base.with_overrides(args.set)
+    summary = train_tokenizer(args.data, args.out, config, steps=args.steps, batch_size=args.batch_size,
+                              lr=args.lr, max_minutes=args.max_minutes, device=args.device, num_workers=args.workers,
+                              init=args.init, train_part=args.train_part)
     print(json.dumps(summary, indent=2))
 
 
@@ -100,9 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="tokenizer folder (re-run to resume)")
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, then cosine to 0.1x)")
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--workers", type=int, default=0, help="loader processes drawing masks ahead of the step")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="tokenizer config field, e.g. pixel_decoder=residual (repeatable)")
+    p.add_argument("--init", default=None, help="start from this tokenizer folder (ignored when resuming)")
+    p.add_argument("--train-part", choices=["all", "decoder"], default="all",
+                   help="decoder: freeze the encoder and codebook (codes unchanged; needs --init)")
     p.set_defaults(func=_cmd_train_tokenizer)
 
     p = sub.add_parser("predict", help="answer a query about an image and write its mask")

@@ -118,16 +118,49 @@ class TokenizerBatches(torch.utils.data.Dataset):
         return masks, keep
 
 
+# Parameters that decide a mask's codes: frozen by ``train_part="decoder"``.
+CODE_PARTS = ("patch_embed.", "patch_pos", "latents", "to_latents.", "encoder.", "encoder_norm.", "to_code.",
+              "quantizer.")
+TRAIN_PARTS = ("all", "decoder")
+
+
+def init_tokenizer(folder: str | Path, config: MaskTokenizerConfig | None = None) -> tuple[MaskTokenizer, list[str]]:
+    """A tokenizer built from ``config`` (default: the one in ``folder``) holding every tensor of the tokenizer in
+    ``folder`` whose name and shape it shares; returns it with the names it did NOT take from there (new parts,
+    e.g. another ``pixel_decoder``). A different codebook or latent count is refused (the codes would change)."""
+    source = MaskTokenizer.from_pretrained(folder)
+    config = config or source.config
+    if (config.codebook_size, config.code_dim, config.num_tokens) != (
+            source.config.codebook_size, source.config.code_dim, source.config.num_tokens):
+        raise ValueError(f"cannot start from {folder}: its codebook ({source.config.num_tokens} tokens over "
+                         f"{source.config.codebook_size}x{source.config.code_dim}) differs from the config's "
+                         f"({config.num_tokens} over {config.codebook_size}x{config.code_dim})")
+    model = MaskTokenizer(config)
+    theirs = source.state_dict()
+    mine = model.state_dict()
+    taken = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
+    model.load_state_dict(taken, strict=False)
+    return model, sorted(set(mine) - set(taken))
+
+
 def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: MaskTokenizerConfig | None = None,
                     steps: int = 20000, batch_size: int = 64, lr: float = 1e-3, max_minutes: float | None = None,
                     warmup_steps: int = 50, revive_every: int = 25,
                     seed: int = 0, progress: bool = True, log_every: int = 50, save_every: int = 500,
-                    device: str | None = None, num_workers: int = 0) -> dict:
+                    device: str | None = None, num_workers: int = 0, init: str | Path | None = None,
+                    train_part: str = "all") -> dict:
     """Train (or resume) a mask tokenizer on the masks of ``data_dirs`` (folders holding ``*/instances.json``
     or ``instances.json`` files directly). Returns a summary with the final losses.
 
     ``device`` defaults to CUDA when available; ``num_workers`` loader processes draw batches ahead of the step
-    (0: drawn in the loop)."""
+    (0: drawn in the loop). ``init``: start from this tokenizer folder (see :func:`init_tokenizer`; ignored when
+    resuming). ``train_part="decoder"`` freezes the encoder and the codebook, so every mask keeps the codes it had
+    under ``init`` and a HiMTok model trained with that tokenizer can take the retrained decoder as it is."""
+    if train_part not in TRAIN_PARTS:
+        raise ValueError(f"unknown train_part {train_part!r}; valid: {', '.join(TRAIN_PARTS)}")
+    if train_part == "decoder" and init is None and not (Path(out_dir) / STATE_FILE).is_file():
+        raise ValueError('train_part "decoder" retrains the decoder of an existing tokenizer: name it with init '
+                         '(mmseg train-tokenizer --init FOLDER)')
     from tqdm.auto import tqdm
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -146,11 +179,24 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
     if state_path.is_file():
         model = MaskTokenizer.from_pretrained(out_dir).train()
         state = torch.load(state_path, weights_only=True, map_location=device)
+        if state.get("train_part", "all") != train_part:
+            raise ValueError(f"{out_dir} was training train_part={state.get('train_part', 'all')!r}; resume it with "
+                             f"that, or start another folder for train_part={train_part!r}")
+    elif init is not None:
+        model, fresh = init_tokenizer(init, config)
+        model, state = model.train(), None
+        if train_part == "decoder" and any(name.startswith(CODE_PARTS) for name in fresh):
+            raise ValueError(f"cannot retrain only the decoder: the encoder or codebook of {init} does not fit the config "
+                             f"({[n for n in fresh if n.startswith(CODE_PARTS)][:3]} ...)")
     else:
         model, state = MaskTokenizer(config or MaskTokenizerConfig()).train(), None
+    frozen = train_part == "decoder"
+    for name, param in model.named_parameters():
+        param.requires_grad_(not (frozen and name.startswith(CODE_PARTS)))
     model.to(device)
     source = MaskSource(files, size=model.config.mask_size * 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01,
+                                  betas=(0.9, 0.99))
     step, elapsed_before, history = 0, 0.0, []
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -163,7 +209,7 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
 
     def save() -> None:
         model.save_pretrained(out_dir)
-        torch.save({"optimizer": optimizer.state_dict(), "step": step,
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "train_part": train_part,
                     "elapsed_s": elapsed_before + time.perf_counter() - start}, state_path)
         (out_dir / "tokenizer_history.json").write_text(json.dumps(history))
 
@@ -188,7 +234,7 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
             optimizer.step()
             step += 1
             bar.update(1)
-            if step % revive_every == 0:
+            if step % revive_every == 0 and not frozen:
                 # Codes unused over the last window are re-seeded from this batch's latents.
                 codes_in_use = model.config.codebook_size - model.quantizer.revive_dead_codes(
                     F.normalize(losses["latents"].detach().flatten(0, 1), dim=-1))

@@ -62,3 +62,15 @@ def test_train_rejects_a_bad_override(capsys, tmp_path):
     code, err = run(capsys, "train", "--config", "tiny-stamp", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
                     "--set", "train.batch_sise=8")
     assert code == 2 and "batch_sise" in err and "Traceback" not in err
+
+
+def test_train_tokenizer_rejects_bad_settings(capsys, tmp_path, synthref_root):
+    code, err = run(capsys, "train-tokenizer", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                    "--set", "pixel_decoder=fancy")
+    assert code == 2 and "valid: deconv, residual" in err and "Traceback" not in err
+    code, err = run(capsys, "train-tokenizer", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                    "--train-part", "decoder")
+    assert code == 2 and "--init FOLDER" in err
+    code, err = run(capsys, "train-tokenizer", "--data", str(synthref_root), "--out", str(tmp_path / "o"),
+                    "--init", str(tmp_path / "nowhere"), "--train-part", "decoder")
+    assert code == 2 and "not a mask tokenizer folder" in err

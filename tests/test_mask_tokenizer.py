@@ -151,3 +151,40 @@ def test_tokenizer_training_with_workers_equals_training_in_the_loop(synthref_ro
     workers = train_tokenizer([synthref_root], tmp_path / "b", TINY, steps=6, batch_size=8, progress=False, log_every=3,
                               device="cpu", num_workers=2)
     assert inline["loss"] == workers["loss"] and inline["step"] == workers["step"] == 6
+
+
+def test_residual_pixel_decoder_and_config_overrides(tmp_path):
+    config = TINY.with_overrides(["pixel_decoder=residual"])
+    assert config.pixel_decoder == "residual" and TINY.pixel_decoder == "deconv"
+    tok = MaskTokenizer(config).eval()
+    assert tok.decode(tok.encode(_disc(32)), size=(40, 40)).shape == (40, 40)
+    tok.save_pretrained(tmp_path)
+    assert MaskTokenizer.from_pretrained(tmp_path).config.pixel_decoder == "residual"
+    with pytest.raises(ValueError, match="valid: deconv, residual"):
+        TINY.with_overrides(["pixel_decoder=fancy"])
+    with pytest.raises(ValueError, match="KEY one of"):
+        TINY.with_overrides(["colour=3"])
+
+
+def test_decoder_retraining_keeps_every_code(synthref_root, tmp_path):
+    from mmseg.train_tokenizer import init_tokenizer, train_tokenizer
+
+    torch.manual_seed(0)
+    MaskTokenizer(TINY).save_pretrained(tmp_path / "base")
+    base = MaskTokenizer.from_pretrained(tmp_path / "base")
+    residual = TINY.with_overrides(["pixel_decoder=residual"])
+    model, fresh = init_tokenizer(tmp_path / "base", residual)
+    assert fresh and all(name.startswith("to_pixels.") for name in fresh)  # only the new pixel decoder is new
+    train_tokenizer([synthref_root], tmp_path / "dec", residual, steps=4, batch_size=8, progress=False, log_every=2,
+                    init=tmp_path / "base", train_part="decoder", device="cpu")
+    retrained = MaskTokenizer.from_pretrained(tmp_path / "dec")
+    masks = torch.stack([torch.from_numpy(_disc(32)), torch.from_numpy(_disc(32)).flip(0).roll(5, 1)])
+    assert torch.equal(retrained.encode(masks), base.encode(masks))  # the codes are frozen
+    assert torch.equal(retrained.quantizer.codebook, base.quantizer.codebook)
+    assert not torch.equal(retrained.to_pixels.net[0].weight, model.to_pixels.net[0].weight)  # the decoder learnt
+    with pytest.raises(ValueError, match="resume it with that"):
+        train_tokenizer([synthref_root], tmp_path / "dec", residual, steps=6, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="name it with init"):
+        train_tokenizer([synthref_root], tmp_path / "x", residual, steps=1, train_part="decoder", progress=False)
+    with pytest.raises(ValueError, match="codebook"):
+        init_tokenizer(tmp_path / "base", TINY.with_overrides([f"codebook_size={2 * TINY.codebook_size}"]))

@@ -31,6 +31,7 @@ from torch import nn
 
 CONFIG_FILE = "mask_tokenizer_config.json"
 WEIGHTS_FILE = "mask_tokenizer.safetensors"
+PIXEL_DECODERS = ("deconv", "residual")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,28 @@ class MaskTokenizerConfig:
     code_dim: int = 12
     commitment: float = 0.01
     bottleneck: int = 16  # channels per patch / per token in the dense patch<->token maps
+    # "deconv": one transposed conv per 2x upsampling stage; "residual": each stage also has a residual 3x3 conv
+    # block and the last stage a 3x3 conv at full resolution (sharper edges and thin parts; see PixelDecoder).
+    pixel_decoder: str = "deconv"
+
+    def __post_init__(self) -> None:
+        if self.pixel_decoder not in PIXEL_DECODERS:
+            raise ValueError(f"unknown pixel_decoder {self.pixel_decoder!r}; valid: {', '.join(PIXEL_DECODERS)}")
+
+    def with_overrides(self, items: list[str]) -> "MaskTokenizerConfig":
+        """This config with ``KEY=VALUE`` items applied (values parse as JSON, else stay strings)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        changes = {}
+        for item in items:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or key not in names:
+                raise ValueError(f"tokenizer setting {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(names))}")
+            try:
+                changes[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                changes[key] = raw
+        return dataclasses.replace(self, **changes)
 
     @property
     def grid(self) -> int:
@@ -105,17 +128,44 @@ class ConvStem(nn.Module):
         return self.net(x).flatten(2).transpose(1, 2)  # (B, N, width), row-major
 
 
-class PixelDecoder(nn.Module):
-    """``(B, N, width)`` decoded patch features -> ``(B, S, S)`` mask logits: log2(patch) stride-2 up-convs."""
+class _ConvBlock(nn.Module):
+    """Residual 3x3 conv + GroupNorm + GELU at constant resolution and width."""
 
-    def __init__(self, width: int, patch: int) -> None:
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.GroupNorm(min(8, channels), channels),
+                                 nn.GELU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class PixelDecoder(nn.Module):
+    """``(B, N, width)`` decoded patch features -> ``(B, S, S)`` mask logits: log2(patch) stride-2 up-convs.
+
+    ``residual``: a residual 3x3 conv block after each up-conv, and the last up-conv outputs features that a 3x3
+    conv turns into logits. Why: a lone 4x4 transposed conv per stage paints each output pixel from at most 2x2
+    inputs of the stage below, so an edge can only be placed where the coarse features already put it; measured
+    on the deconv tokenizer (500 held-out masks), the errors are ~1 pixel all along the boundary (61 false
+    positive and 37 false negative pixels per 656-pixel mask) and thin parts suffer most (star 0.76, cross 0.77,
+    circle 0.93 IoU).
+    """
+
+    def __init__(self, width: int, patch: int, residual: bool = False) -> None:
         super().__init__()
         stages = patch.bit_length() - 1
         chans, layers, prev = _conv_channels(width, stages)[::-1], [], width
         for c in chans[1:]:
             layers += [nn.ConvTranspose2d(prev, c, 4, 2, 1), nn.GroupNorm(min(8, c), c), nn.GELU()]
+            if residual:
+                layers.append(_ConvBlock(c))
             prev = c
-        self.net = nn.Sequential(*layers, nn.ConvTranspose2d(prev, 1, 4, 2, 1))
+        if residual:
+            last = max(8, prev // 2)
+            layers += [nn.ConvTranspose2d(prev, last, 4, 2, 1), nn.GELU(), _ConvBlock(last), nn.Conv2d(last, 1, 3, 1, 1)]
+        else:
+            layers.append(nn.ConvTranspose2d(prev, 1, 4, 2, 1))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, h: torch.Tensor, grid: int) -> torch.Tensor:
         x = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], grid, grid)  # (B, width, g, g)
@@ -216,7 +266,7 @@ class MaskTokenizer(nn.Module):
                                         nn.Linear(dc, w))
         self.decoder = nn.ModuleList(_Block(w, c.heads) for _ in range(c.decoder_layers))
         self.decoder_norm = nn.LayerNorm(w)
-        self.to_pixels = PixelDecoder(w, c.patch_size)
+        self.to_pixels = PixelDecoder(w, c.patch_size, residual=c.pixel_decoder == "residual")
         # Encoder attention: patches see patches; latent i sees all patches and latents 0..i.
         allowed = torch.ones(n + k, n + k, dtype=torch.bool)
         allowed[:n, n:] = False
