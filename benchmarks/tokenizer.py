@@ -51,11 +51,19 @@ def load_masks(data: str | Path, n: int, frame: int | None = None) -> list[np.nd
     return out
 
 
+def load_kinds(data: str | Path, n: int) -> list[str]:
+    """The category names of the masks :func:`load_masks` returns (same order)."""
+    inst = json.loads((Path(data) / "synthref" / "instances.json").read_text())
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    return [names[a["category_id"]] for a in inst["annotations"][:n]]
+
+
 @torch.no_grad()
 def evaluate(tok: MaskTokenizer, masks: list[np.ndarray], ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
-             batch: int = 64) -> dict:
+             batch: int = 64, kinds: list[str] | None = None) -> dict:
     """Round trip of square bool masks (all one size ``S``) through ``tok``: mean IoU per prefix length
-    at ``S`` and at ``mask_size``, small-mask IoU, code usage and timings."""
+    at ``S`` and at ``mask_size``, small-mask IoU, code usage and timings; with ``kinds`` (one name per mask), the
+    full-length IoU per kind."""
     tok = tok.eval()
     s, ms = masks[0].shape[-1], tok.config.mask_size
     ks = tuple(k for k in ks if k <= tok.config.num_tokens)
@@ -74,6 +82,8 @@ def evaluate(tok: MaskTokenizer, masks: list[np.ndarray], ks: tuple[int, ...] = 
         decode_ms = (time.perf_counter() - start) * 1000 / len(masks)
         own = torch.cat([tok.decode(ids[i : i + batch], keep=k) for i in range(0, len(ids), batch)])
         per = [iou(l.numpy() > 0, m) for l, m in zip(logits, masks)]
+        if kinds is not None and k == max(ks):
+            by_kind = {name: statistics.mean(v for v, n in zip(per, kinds) if n == name) for name in sorted(set(kinds))}
         results[k] = {"iou": statistics.mean(per), "iou_small": float(np.mean(np.asarray(per)[small.numpy()])),
                       "iou_at_mask_size": statistics.mean(iou(l.numpy() > 0, m.numpy()) for l, m in zip(own, native)),
                       "decode_ms": decode_ms}
@@ -82,6 +92,8 @@ def evaluate(tok: MaskTokenizer, masks: list[np.ndarray], ks: tuple[int, ...] = 
     perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
     out = {"n_masks": len(masks), "frame": s, "mask_size": ms, "round_trip": results, "encode_ms": encode_ms,
            "codes_used_share": float((counts > 0).float().mean()), "code_perplexity": perplexity}
+    if kinds is not None:
+        out[f"iou_by_kind_k{max(ks)}"] = by_kind
     try:
         from skimage import data as skdata
 
@@ -97,6 +109,9 @@ def report(out: dict) -> str:
     lines = [f"{'k':>4}{'IoU':>8}{'small':>8}{'@' + str(out['mask_size']):>8}{'decode ms':>11}"]
     for k, r in out["round_trip"].items():
         lines.append(f"{k:>4}{r['iou']:>8.3f}{r['iou_small']:>8.3f}{r['iou_at_mask_size']:>8.3f}{r['decode_ms']:>11.2f}")
+    by_kind = next((v for key, v in out.items() if key.startswith("iou_by_kind")), None)
+    if by_kind:
+        lines.append("by kind (all tokens): " + ", ".join(f"{n} {v:.3f}" for n, v in by_kind.items()))
     horse = out["horse_iou"]
     lines.append(f"frame {out['frame']} px; encode {out['encode_ms']:.2f} ms/mask; codes used {out['codes_used_share']:.1%}; "
                  f"perplexity {out['code_perplexity']:.0f}; horse silhouette IoU {horse if horse is None else round(horse, 3)}")
@@ -114,7 +129,8 @@ def main() -> None:
     args = parser.parse_args()
 
     tok = MaskTokenizer.from_pretrained(args.tokenizer)
-    out = {"tokenizer": args.tokenizer, **evaluate(tok, load_masks(args.data, args.n, args.frame))}
+    out = {"tokenizer": args.tokenizer,
+           **evaluate(tok, load_masks(args.data, args.n, args.frame), kinds=load_kinds(args.data, args.n))}
     print(report(out))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))

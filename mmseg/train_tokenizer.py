@@ -148,14 +148,17 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
                     warmup_steps: int = 50, revive_every: int = 25,
                     seed: int = 0, progress: bool = True, log_every: int = 50, save_every: int = 500,
                     device: str | None = None, num_workers: int = 0, init: str | Path | None = None,
-                    train_part: str = "all") -> dict:
+                    train_part: str = "all", mixed_precision: str = "no") -> dict:
     """Train (or resume) a mask tokenizer on the masks of ``data_dirs`` (folders holding ``*/instances.json``
     or ``instances.json`` files directly). Returns a summary with the final losses.
 
     ``device`` defaults to CUDA when available; ``num_workers`` loader processes draw batches ahead of the step
     (0: drawn in the loop). ``init``: start from this tokenizer folder (see :func:`init_tokenizer`; ignored when
     resuming). ``train_part="decoder"`` freezes the encoder and the codebook, so every mask keeps the codes it had
-    under ``init`` and a HiMTok model trained with that tokenizer can take the retrained decoder as it is."""
+    under ``init`` and a HiMTok model trained with that tokenizer can take the retrained decoder as it is.
+    ``mixed_precision="bf16"``: encoder and decoder under bf16 autocast (weights and the code search stay fp32)."""
+    if mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"unknown mixed_precision {mixed_precision!r}; valid: no, bf16")
     if train_part not in TRAIN_PARTS:
         raise ValueError(f"unknown train_part {train_part!r}; valid: {', '.join(TRAIN_PARTS)}")
     if train_part == "decoder" and init is None and not (Path(out_dir) / STATE_FILE).is_file():
@@ -227,7 +230,8 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
             for group in optimizer.param_groups:
                 # a plain float: the optimizer state is saved and reloaded with torch.load(weights_only=True)
                 group["lr"] = float(lr_at(step, progress_fraction, lr, warmup_steps, min_ratio=0.1))
-            losses = tokenizer_loss(model, masks, keep)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+                losses = tokenizer_loss(model, masks, keep)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

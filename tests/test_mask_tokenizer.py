@@ -188,3 +188,20 @@ def test_decoder_retraining_keeps_every_code(synthref_root, tmp_path):
         train_tokenizer([synthref_root], tmp_path / "x", residual, steps=1, train_part="decoder", progress=False)
     with pytest.raises(ValueError, match="codebook"):
         init_tokenizer(tmp_path / "base", TINY.with_overrides([f"codebook_size={2 * TINY.codebook_size}"]))
+
+
+def test_bf16_training_keeps_fp32_weights_and_code_search(synthref_root, tmp_path):
+    from mmseg.train_tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    summary = train_tokenizer([synthref_root], tmp_path, TINY, steps=3, batch_size=8, progress=False, log_every=1,
+                              device="cpu", mixed_precision="bf16")
+    assert summary["step"] == 3 and np.isfinite(summary["loss"])
+    tok = MaskTokenizer.from_pretrained(tmp_path)
+    assert all(p.dtype == torch.float32 for p in tok.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tok.train()(torch.from_numpy(_disc(32))[None].float())
+    assert out["latents"].dtype == out["logits"].dtype == torch.float32
+    assert out["ids"].shape == (1, TINY.num_tokens) and int(out["ids"].max()) < TINY.codebook_size
+    with pytest.raises(ValueError, match="valid: no, bf16"):
+        train_tokenizer([synthref_root], tmp_path / "x", TINY, steps=1, progress=False, mixed_precision="fp8")

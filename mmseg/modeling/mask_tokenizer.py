@@ -326,9 +326,12 @@ class MaskTokenizer(nn.Module):
 
     def forward(self, masks: torch.Tensor, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training pass: ``(B, H, W)`` masks -> logits at ``mask_size``, ids and the VQ loss."""
-        z = self.encode_latents(masks)
-        q, ids, vq_loss = self.quantizer(z)
-        return {"logits": self.decode_codes(q, keep), "ids": ids, "vq_loss": vq_loss, "latents": z}
+        z = self.encode_latents(masks).float()
+        # Under bf16 autocast the nearest-code search stays in fp32: bf16's 8-bit mantissa would tie the cosine
+        # scores of neighbouring codes in a 1,024-code book and pick among them at random.
+        with torch.autocast(z.device.type, enabled=False):
+            q, ids, vq_loss = self.quantizer(z)
+        return {"logits": self.decode_codes(q, keep).float(), "ids": ids, "vq_loss": vq_loss, "latents": z}
 
     # -- public API -------------------------------------------------------------------------------------
     @torch.no_grad()
