@@ -187,7 +187,9 @@ class TrainConfig:
     # Progress (of steps or wall time, as the curriculum) from which ``no_target_fraction`` applies; before it, the
     # data's own share. Why late: refusing an absent object named by a relation needs the relation learnt first.
     # Measured, 60 CPU minutes of tiny-stamp, seed-1 testB cIoU / testB no-target accuracy: data's 10% 0.66 / 0.79;
-    # 25% throughout 0.58 / 0.90; 30% from 0.7 0.63 / 0.88 (so the preset keeps the data's share).
+    # 25% throughout 0.58 / 0.90; 30% from 0.7 0.63 / 0.88; with relational sentences drawn 2x (type_weights),
+    # 25% from 0.6 0.68 / 0.88 and 40% from 0.6 0.72 / 0.93 (the preset; on a faster CPU, so 7,640 steps
+    # against 4,944; see the STAMP model card).
     no_target_from: float = 0.0
     # Weight of the first answer token's cross-entropy, relative to the answer's other tokens (1.0: plain mean).
     # That token decides between a target answer ("Sure, ...") and a refusal ("There is no ..."); it is one of
