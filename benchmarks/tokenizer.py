@@ -38,24 +38,19 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float((a & b).sum() / union)
 
 
-def load_masks(data: str | Path, n: int, frame: int | None = None) -> list[np.ndarray]:
-    """The first ``n`` annotation masks of a SynthRef root, each letterboxed to a square bool ``(S, S)``:
-    ``S = frame``, or the image's longer side when ``frame`` is None."""
+def load_masks(data: str | Path, n: int, frame: int | None = None) -> tuple[list[np.ndarray], list[str]]:
+    """The first ``n`` annotation masks of a SynthRef root, each letterboxed to a square bool ``(S, S)``
+    (``S = frame``, or the image's longer side when ``frame`` is None), and their category names."""
     inst = json.loads((Path(data) / "synthref" / "instances.json").read_text())
     images = {im["id"]: im for im in inst["images"]}
-    out = []
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    masks, kinds = [], []
     for a in inst["annotations"][:n]:
         im = images[a["image_id"]]
-        out.append(letterbox_mask(decode_segmentation(a["segmentation"], im["height"], im["width"]),
-                                  frame or max(im["height"], im["width"])))
-    return out
-
-
-def load_kinds(data: str | Path, n: int) -> list[str]:
-    """The category names of the masks :func:`load_masks` returns (same order)."""
-    inst = json.loads((Path(data) / "synthref" / "instances.json").read_text())
-    names = {c["id"]: c["name"] for c in inst["categories"]}
-    return [names[a["category_id"]] for a in inst["annotations"][:n]]
+        masks.append(letterbox_mask(decode_segmentation(a["segmentation"], im["height"], im["width"]),
+                                    frame or max(im["height"], im["width"])))
+        kinds.append(names[a["category_id"]])
+    return masks, kinds
 
 
 @torch.no_grad()
@@ -66,7 +61,7 @@ def evaluate(tok: MaskTokenizer, masks: list[np.ndarray], ks: tuple[int, ...] = 
     full-length IoU per kind."""
     tok = tok.eval()
     s, ms = masks[0].shape[-1], tok.config.mask_size
-    ks = tuple(k for k in ks if k <= tok.config.num_tokens)
+    ks = tuple(sorted(k for k in ks if k <= tok.config.num_tokens))
     stack = torch.from_numpy(np.stack(masks))
     areas = stack.flatten(1).float().mean(1)
     small = areas <= areas.quantile(1 / 3)  # (N,) the smallest third
@@ -82,8 +77,6 @@ def evaluate(tok: MaskTokenizer, masks: list[np.ndarray], ks: tuple[int, ...] = 
         decode_ms = (time.perf_counter() - start) * 1000 / len(masks)
         own = torch.cat([tok.decode(ids[i : i + batch], keep=k) for i in range(0, len(ids), batch)])
         per = [iou(l.numpy() > 0, m) for l, m in zip(logits, masks)]
-        if kinds is not None and k == max(ks):
-            by_kind = {name: statistics.mean(v for v, n in zip(per, kinds) if n == name) for name in sorted(set(kinds))}
         results[k] = {"iou": statistics.mean(per), "iou_small": float(np.mean(np.asarray(per)[small.numpy()])),
                       "iou_at_mask_size": statistics.mean(iou(l.numpy() > 0, m.numpy()) for l, m in zip(own, native)),
                       "decode_ms": decode_ms}
@@ -92,8 +85,9 @@ def evaluate(tok: MaskTokenizer, masks: list[np.ndarray], ks: tuple[int, ...] = 
     perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
     out = {"n_masks": len(masks), "frame": s, "mask_size": ms, "round_trip": results, "encode_ms": encode_ms,
            "codes_used_share": float((counts > 0).float().mean()), "code_perplexity": perplexity}
-    if kinds is not None:
-        out[f"iou_by_kind_k{max(ks)}"] = by_kind
+    if kinds is not None:  # ``per`` holds the last, longest prefix's IoUs (``ks`` ascends)
+        out["iou_by_kind"] = {name: statistics.mean(v for v, n in zip(per, kinds) if n == name)
+                              for name in sorted(set(kinds))}
     try:
         from skimage import data as skdata
 
@@ -109,9 +103,8 @@ def report(out: dict) -> str:
     lines = [f"{'k':>4}{'IoU':>8}{'small':>8}{'@' + str(out['mask_size']):>8}{'decode ms':>11}"]
     for k, r in out["round_trip"].items():
         lines.append(f"{k:>4}{r['iou']:>8.3f}{r['iou_small']:>8.3f}{r['iou_at_mask_size']:>8.3f}{r['decode_ms']:>11.2f}")
-    by_kind = next((v for key, v in out.items() if key.startswith("iou_by_kind")), None)
-    if by_kind:
-        lines.append("by kind (all tokens): " + ", ".join(f"{n} {v:.3f}" for n, v in by_kind.items()))
+    if out.get("iou_by_kind"):
+        lines.append("by kind (all tokens): " + ", ".join(f"{n} {v:.3f}" for n, v in out["iou_by_kind"].items()))
     horse = out["horse_iou"]
     lines.append(f"frame {out['frame']} px; encode {out['encode_ms']:.2f} ms/mask; codes used {out['codes_used_share']:.1%}; "
                  f"perplexity {out['code_perplexity']:.0f}; horse silhouette IoU {horse if horse is None else round(horse, 3)}")
@@ -129,8 +122,8 @@ def main() -> None:
     args = parser.parse_args()
 
     tok = MaskTokenizer.from_pretrained(args.tokenizer)
-    out = {"tokenizer": args.tokenizer,
-           **evaluate(tok, load_masks(args.data, args.n, args.frame), kinds=load_kinds(args.data, args.n))}
+    masks, kinds = load_masks(args.data, args.n, args.frame)
+    out = {"tokenizer": args.tokenizer, **evaluate(tok, masks, kinds=kinds)}
     print(report(out))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
