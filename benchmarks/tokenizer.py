@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,41 +27,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmseg.masks import decode_segmentation  # noqa: E402
 from mmseg.modeling.mask_tokenizer import MaskTokenizer  # noqa: E402
-from mmseg.train_tokenizer import letterbox_mask  # noqa: E402
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return 1.0 if union == 0 else float((a & b).sum() / union)
-
-
-def load_masks(data: str | Path, n: int, frame: int | None = None) -> tuple[list[np.ndarray], list[str]]:
-    """The first ``n`` annotation masks of a SynthRef root, each letterboxed to a square bool ``(S, S)``
-    (``S = frame``, or the image's longer side when ``frame`` is None), and their category names."""
-    inst = json.loads((Path(data) / "synthref" / "instances.json").read_text())
-    images = {im["id"]: im for im in inst["images"]}
-    names = {c["id"]: c["name"] for c in inst["categories"]}
-    masks, kinds = [], []
-    for a in inst["annotations"][:n]:
-        im = images[a["image_id"]]
-        masks.append(letterbox_mask(decode_segmentation(a["segmentation"], im["height"], im["width"]),
-                                    frame or max(im["height"], im["width"])))
-        kinds.append(names[a["category_id"]])
-    return masks, kinds
+from mmseg.train_tokenizer import letterbox_mask, load_masks, mask_iou  # noqa: E402
 
 
 @torch.no_grad()
-def evaluate(tok: MaskTokenizer, masks: list[np.ndarray], ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+def evaluate(tok: MaskTokenizer, masks: np.ndarray, ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
              batch: int = 64, kinds: list[str] | None = None) -> dict:
-    """Round trip of square bool masks (all one size ``S``) through ``tok``: mean IoU per prefix length
+    """Round trip of square bool masks ``(N, S, S)`` through ``tok``: mean IoU per prefix length
     at ``S`` and at ``mask_size``, small-mask IoU, code usage and timings; with ``kinds`` (one name per mask), the
     full-length IoU per kind."""
     tok = tok.eval()
     s, ms = masks[0].shape[-1], tok.config.mask_size
     ks = tuple(sorted(k for k in ks if k <= tok.config.num_tokens))
-    stack = torch.from_numpy(np.stack(masks))
+    stack = torch.from_numpy(np.asarray(masks, dtype=bool))
     areas = stack.flatten(1).float().mean(1)
     small = areas <= areas.quantile(1 / 3)  # (N,) the smallest third
     start = time.perf_counter()
@@ -76,9 +54,9 @@ def evaluate(tok: MaskTokenizer, masks: list[np.ndarray], ks: tuple[int, ...] = 
         logits = torch.cat([tok.decode(ids[i : i + batch], keep=k, size=(s, s)) for i in range(0, len(ids), batch)])
         decode_ms = (time.perf_counter() - start) * 1000 / len(masks)
         own = torch.cat([tok.decode(ids[i : i + batch], keep=k) for i in range(0, len(ids), batch)])
-        per = [iou(l.numpy() > 0, m) for l, m in zip(logits, masks)]
-        results[k] = {"iou": statistics.mean(per), "iou_small": float(np.mean(np.asarray(per)[small.numpy()])),
-                      "iou_at_mask_size": statistics.mean(iou(l.numpy() > 0, m.numpy()) for l, m in zip(own, native)),
+        per = mask_iou(logits > 0, stack)
+        results[k] = {"iou": float(per.mean()), "iou_small": float(per[small].mean()),
+                      "iou_at_mask_size": float(mask_iou(own > 0, native).mean()),
                       "decode_ms": decode_ms}
     counts = torch.bincount(ids.flatten(), minlength=tok.config.codebook_size).float()
     p = counts / counts.sum()
@@ -86,14 +64,14 @@ def evaluate(tok: MaskTokenizer, masks: list[np.ndarray], ks: tuple[int, ...] = 
     out = {"n_masks": len(masks), "frame": s, "mask_size": ms, "round_trip": results, "encode_ms": encode_ms,
            "codes_used_share": float((counts > 0).float().mean()), "code_perplexity": perplexity}
     if kinds is not None:  # ``per`` holds the last, longest prefix's IoUs (``ks`` ascends)
-        out["iou_by_kind"] = {name: statistics.mean(v for v, n in zip(per, kinds) if n == name)
+        out["iou_by_kind"] = {name: float(per[torch.tensor([n == name for n in kinds])].mean())
                               for name in sorted(set(kinds))}
     try:
         from skimage import data as skdata
 
         horse = ~skdata.horse().astype(bool)  # the silhouette is dark on white
-        frame = letterbox_mask(horse, s)
-        out["horse_iou"] = iou(tok.decode(tok.encode(frame), size=(s, s)).numpy() > 0, frame)
+        frame = torch.from_numpy(letterbox_mask(horse, s))[None]
+        out["horse_iou"] = float(mask_iou(tok.decode(tok.encode(frame), size=(s, s)) > 0, frame)[0])
     except ImportError:
         out["horse_iou"] = None
     return out
@@ -122,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tok = MaskTokenizer.from_pretrained(args.tokenizer)
-    masks, kinds = load_masks(args.data, args.n, args.frame)
+    masks, kinds = load_masks([args.data], args.n, args.frame)
     out = {"tokenizer": args.tokenizer, **evaluate(tok, masks, kinds=kinds)}
     print(report(out))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

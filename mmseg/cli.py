@@ -41,7 +41,8 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
         config = base.with_overrides(args.set)
     summary = train_tokenizer(args.data, args.out, config, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, max_minutes=args.max_minutes, device=args.device, num_workers=args.workers,
-                              init=args.init, train_part=args.train_part, mixed_precision=args.mixed_precision)
+                              init=args.init, train_part=args.train_part, mixed_precision=args.mixed_precision,
+                              val_data=args.val, val_masks=args.val_masks, eval_every=args.eval_every)
     print(json.dumps(summary, indent=2))
 
 
@@ -118,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder: freeze the encoder and codebook (codes unchanged; needs --init)")
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                    help="bf16: autocast the encoder and decoder (faster on CPUs with bf16 matmuls and on GPUs)")
+    p.add_argument("--val", nargs="+", default=None,
+                   help="held-out annotations (folders or instances.json files, e.g. another SynthRef seed): "
+                        "round-trip IoU logged every --eval-every steps")
+    p.add_argument("--val-masks", type=int, default=256, help="how many held-out masks to round-trip")
+    p.add_argument("--eval-every", type=int, default=500)
     p.set_defaults(func=_cmd_train_tokenizer)
 
     p = sub.add_parser("predict", help="answer a query about an image and write its mask")

@@ -4,6 +4,8 @@ Masks come from any COCO-format ``instances.json`` (SynthRef, or real COCO / ref
 their image frame as a square (letterboxed like the model input), mixed with procedurally generated shapes.
 Each step draws a random keep length ``1..K`` per mask (tail tokens dropped), applies mild dilation/erosion, and
 minimises BCE + Dice (boundary pixels weighted up) + the VQ loss. Dead codes are revived from recent latents.
+With held-out masks (``val_data``: another SynthRef seed, or real annotations) the round-trip IoU at ``K`` and
+``K/4`` tokens is logged every ``eval_every`` steps, measured in the masks' own frame as the benchmark does.
 Re-running with the same output folder resumes.
 """
 
@@ -39,6 +41,58 @@ def letterbox_mask(mask: np.ndarray, size: int) -> np.ndarray:
     top, left = (size - nh) // 2, (size - nw) // 2
     out[top : top + nh, left : left + nw] = small
     return out
+
+
+def instance_files(data_dirs: list[str | Path]) -> list[Path]:
+    """The COCO ``instances.json`` files of ``data_dirs`` (each a file, or a folder holding ``instances.json`` or
+    ``*/instances.json``); a folder without any is a clear error."""
+    files: list[Path] = []
+    for d in map(Path, data_dirs):
+        found = [d] if d.is_file() else sorted(d.glob("instances.json")) + sorted(d.glob("*/instances.json"))
+        if not found:
+            raise FileNotFoundError(f"no instances.json in {d} (expected DATA/<dataset>/instances.json, COCO format)")
+        files += found
+    return files
+
+
+def load_masks(data_dirs: list[str | Path], n: int, frame: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """The first ``n`` annotation masks of ``data_dirs`` as bool ``(n, S, S)``, each letterboxed into its image's
+    square frame (``S``: the first image's longer side, or ``frame``), and their category names."""
+    masks, kinds = [], []
+    for path in instance_files(data_dirs):
+        data = json.loads(path.read_text())
+        images = {im["id"]: im for im in data["images"]}
+        names = {c["id"]: c["name"] for c in data.get("categories", [])}
+        for ann in data["annotations"]:
+            im = images.get(ann["image_id"])
+            if im is None or not ann.get("segmentation"):
+                continue
+            frame = frame or max(im["height"], im["width"])
+            masks.append(letterbox_mask(decode_segmentation(ann["segmentation"], im["height"], im["width"]), frame))
+            kinds.append(names.get(ann["category_id"], str(ann["category_id"])))
+            if len(masks) == n:
+                return np.stack(masks), kinds
+    if not masks:
+        raise ValueError(f"no annotation masks in {[str(d) for d in data_dirs]}")
+    return np.stack(masks), kinds
+
+
+def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of bool mask pairs ``(N, H, W)`` -> ``(N,)``; 1 where both are empty."""
+    inter = (pred & target).flatten(1).sum(1).float()
+    union = (pred | target).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+@torch.no_grad()
+def round_trip_iou(tok: MaskTokenizer, masks: torch.Tensor, ks: tuple[int, ...], batch: int = 64) -> dict[int, torch.Tensor]:
+    """Per-mask IoU ``(N,)`` of ``decode(encode(m), keep=k)`` against ``m`` for each ``k`` in ``ks``: bool masks
+    ``(N, S, S)``, compared at ``S`` (logits resampled there)."""
+    s = masks.shape[-1]
+    dev = tok.patch_pos.device
+    ids = torch.cat([tok.encode(masks[i : i + batch].to(dev)) for i in range(0, len(masks), batch)])
+    return {k: torch.cat([mask_iou(tok.decode(ids[i : i + batch], keep=k, size=(s, s)).cpu() > 0, masks[i : i + batch])
+                          for i in range(0, len(masks), batch)]) for k in ks}
 
 
 class MaskSource:
@@ -148,7 +202,8 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
                     warmup_steps: int = 50, revive_every: int = 25,
                     seed: int = 0, progress: bool = True, log_every: int = 50, save_every: int = 500,
                     device: str | None = None, num_workers: int = 0, init: str | Path | None = None,
-                    train_part: str = "all", mixed_precision: str = "no") -> dict:
+                    train_part: str = "all", mixed_precision: str = "no", val_data: list[str | Path] | None = None,
+                    val_masks: int = 256, eval_every: int = 500) -> dict:
     """Train (or resume) a mask tokenizer on the masks of ``data_dirs`` (folders holding ``*/instances.json``
     or ``instances.json`` files directly). Returns a summary with the final losses.
 
@@ -156,7 +211,9 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
     (0: drawn in the loop). ``init``: start from this tokenizer folder (see :func:`init_tokenizer`; ignored when
     resuming). ``train_part="decoder"`` freezes the encoder and the codebook, so every mask keeps the codes it had
     under ``init`` and a HiMTok model trained with that tokenizer can take the retrained decoder as it is.
-    ``mixed_precision="bf16"``: encoder and decoder under bf16 autocast (weights and the code search stay fp32)."""
+    ``mixed_precision="bf16"``: encoder and decoder under bf16 autocast (weights and the code search stay fp32).
+    ``val_data``: folders (or files) of held-out annotations; the first ``val_masks`` of them are round-tripped
+    every ``eval_every`` steps and at the end (history records with ``val_iou``, keyed by the kept token count)."""
     if mixed_precision not in ("no", "bf16"):
         raise ValueError(f"unknown mixed_precision {mixed_precision!r}; valid: no, bf16")
     if train_part not in TRAIN_PARTS:
@@ -172,12 +229,8 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
         torch.backends.cudnn.allow_tf32 = True
 
     out_dir = Path(out_dir)
-    files: list[Path] = []
-    for d in map(Path, data_dirs):
-        found = [d] if d.is_file() else sorted(d.glob("instances.json")) + sorted(d.glob("*/instances.json"))
-        if not found:
-            raise FileNotFoundError(f"no instances.json in {d} (expected DATA/<dataset>/instances.json, COCO format)")
-        files += found
+    files = instance_files(data_dirs)
+    held_out = torch.from_numpy(load_masks(val_data, val_masks)[0]) if val_data else None
     state_path = out_dir / STATE_FILE
     if state_path.is_file():
         model = MaskTokenizer.from_pretrained(out_dir).train()
@@ -209,6 +262,14 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
     k = model.config.num_tokens
     codes_in_use = model.config.codebook_size
     bar = tqdm(total=steps, initial=step, desc="train-tokenizer", disable=not progress)
+
+    def validate() -> None:
+        model.eval()
+        ious = round_trip_iou(model, held_out, (k, max(1, k // 4)))
+        model.train()
+        history.append({"step": step, "val_iou": {str(n): round(float(v.mean()), 4) for n, v in ious.items()}})
+        bar.write(f"step {step}: held-out round-trip IoU " + ", ".join(f"k={n} {float(v.mean()):.3f}"
+                                                                      for n, v in ious.items()))
 
     def save() -> None:
         model.save_pretrained(out_dir)
@@ -249,6 +310,8 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
                 history.append(record)
                 bar.set_postfix(loss=record["loss"], dice=record["dice"], codes=record["codes_in_use"])
             out_of_time = max_minutes is not None and elapsed_before + time.perf_counter() - start > max_minutes * 60
+            if held_out is not None and (step % eval_every == 0 or step == steps or out_of_time):
+                validate()
             if step % save_every == 0 or step == steps or out_of_time:
                 save()
             if out_of_time:
@@ -258,4 +321,5 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
     bar.close()
     save()
     return {"step": step, "elapsed_s": round(elapsed_before + time.perf_counter() - start, 1),
-            **(history[-1] if history else {})}
+            **next((r for r in reversed(history) if "loss" in r), {}),
+            **next(({"val_iou": r["val_iou"]} for r in reversed(history) if "val_iou" in r), {})}

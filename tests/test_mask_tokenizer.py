@@ -113,11 +113,37 @@ def test_tokenizer_training_learns_and_resumes(synthref_root, tmp_path):
     assert tok.encode(_disc(32)).shape == (8,)
 
 
+def test_held_out_round_trip_is_logged_during_training(synthref_root, tmp_path):
+    import json
+
+    import torch
+
+    from mmseg.train_tokenizer import load_masks, mask_iou, round_trip_iou, train_tokenizer
+
+    summary = train_tokenizer([synthref_root], tmp_path, TINY, steps=6, batch_size=8, progress=False, log_every=3,
+                              val_data=[synthref_root], val_masks=5, eval_every=4)
+    history = json.loads((tmp_path / "tokenizer_history.json").read_text())
+    evals = [r for r in history if "val_iou" in r]
+    assert [r["step"] for r in evals] == [4, 6]  # every eval_every steps and at the end
+    assert set(evals[-1]["val_iou"]) == {"8", "2"}  # K and K/4 tokens
+    assert summary["val_iou"] == evals[-1]["val_iou"] and "loss" in summary
+    # The logged value is the round trip of the first val_masks held-out masks in their own frame.
+    masks, kinds = load_masks([synthref_root], 5)
+    assert masks.shape[0] == 5 and masks.dtype == bool and len(kinds) == 5
+    tok = MaskTokenizer.from_pretrained(tmp_path)
+    assert round(float(round_trip_iou(tok, torch.from_numpy(masks), (8,))[8].mean()), 4) == evals[-1]["val_iou"]["8"]
+    both_empty = torch.zeros(1, 4, 4, dtype=torch.bool)
+    assert mask_iou(both_empty, both_empty).tolist() == [1.0]
+
+
 def test_train_tokenizer_without_masks_is_a_clear_error(tmp_path):
     from mmseg.train_tokenizer import train_tokenizer
 
     with pytest.raises(FileNotFoundError, match="instances.json"):
         train_tokenizer([tmp_path], tmp_path / "out", TINY, steps=1)
+    (tmp_path / "instances.json").write_text('{"images": [], "annotations": []}')
+    with pytest.raises(ValueError, match="no annotation masks"):
+        train_tokenizer([tmp_path], tmp_path / "out", TINY, steps=1, val_data=[tmp_path])
 
 
 def test_tokenizer_batches_depend_only_on_the_step(synthref_root):
