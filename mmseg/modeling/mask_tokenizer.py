@@ -19,6 +19,7 @@ API (masks are bool ``(H, W)`` of any size; logits are float ``(H, W)``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 CONFIG_FILE = "mask_tokenizer_config.json"
 WEIGHTS_FILE = "mask_tokenizer.safetensors"
@@ -186,7 +188,10 @@ class _Block(nn.Module):
         h = self.norm1(x)
         # nn.MultiheadAttention's bool mask means "may NOT attend", the opposite of ours.
         blocked = None if allowed is None else ~allowed
-        x = x + self.attn(h, h, h, attn_mask=blocked, need_weights=False)[0]
+        # Why MATH on CPU: at these sizes (~100 tokens, 32-dim heads) the CPU flash kernel's backward alone took 31%
+        # of a training step; the plain matmul-softmax path makes a whole step ~20% faster.
+        with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext():
+            x = x + self.attn(h, h, h, attn_mask=blocked, need_weights=False)[0]
         return x + self.mlp(self.norm2(x))
 
 
