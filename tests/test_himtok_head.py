@@ -622,3 +622,74 @@ def test_host_targets_encode_with_a_host_copy_that_moving_the_model_leaves_behin
         head.to(torch.float32)
         head._host_tokenizer = None
         head._code_cache.clear()
+
+
+# -- the patch readout -----------------------------------------------------------------------------------------
+def _randomise_readout(model) -> None:
+    with torch.no_grad():
+        for p in model.head.readout.up.parameters():
+            p.normal_()
+
+
+def test_patch_readout_starts_silent_and_trains(himtok, tokenizer_dir):
+    plain, proc = himtok
+    model, _ = _model(tokenizer_dir, patch_readout=True)
+    missing, _ = model.load_state_dict(plain.state_dict(), strict=False)  # same backbone; the readout stays zero
+    assert missing and all(k.startswith("head.readout.") for k in missing)
+    batch = _batch(proc, plain.head, _square_mask())
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = plain(batch)
+        torch.manual_seed(0)
+        got = model(batch)
+    for key in ("text_ce", "mask_bce", "mask_dice", "mask_prefix"):
+        torch.testing.assert_close(got[key], expected[key])
+    # readout_ce is the code-token CE of the logits decoding uses (here the LM's own: the readout is still zero)
+    assert 0 < float(got["readout_ce"]) and torch.isfinite(got["readout_ce"])
+    model.train()
+    _randomise_readout(model)
+    model(batch)["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.readout.parameters())
+
+
+def test_patch_readout_joins_the_code_logits_when_decoding(tokenizer_dir):
+    model, proc = _model(tokenizer_dir, seed=3, patch_readout=True)
+    _randomise_readout(model)
+    head = model.head
+    codes = head.code_token_ids.tolist()
+    prompt = torch.tensor([proc.encode_chat([{"role": "user", "content": "the red circle"}])[0]])
+    hidden = torch.randn(1, prompt.shape[1], model.lm.config.hidden_size)
+    session = SimpleNamespace(tokens=[[head.mt_start_id, *codes[:2]]], batch_size=1, device=torch.device("cpu"),
+                              state={}, prompt_ids=prompt, prompt_hidden=hidden)
+    logits = torch.randn(1, max(codes) + 1)
+    out = head.constrain(session, logits)
+    readout = head.readout_logits(prompt, hidden)  # (1, K, V): the third code is predicted from row 2
+    assert readout.shape == (1, K, CODES) and readout.abs().sum() > 0
+    torch.testing.assert_close(out[0, head.code_token_ids], logits[0, head.code_token_ids] + readout[0, 2])
+    # end to end: exactly K in-vocabulary codes, a mask decoded, and the readout changes which codes are chosen
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(head, "constrain", _opening_constrain(head, proc.eos_token_id))
+    torch.manual_seed(0)
+    with_readout = _generate(model, proc, ["the red circle"]).tokens[0]
+    with torch.no_grad():
+        head.readout.up.weight.zero_()
+        head.readout.up.bias.zero_()
+    torch.manual_seed(0)
+    without = _generate(model, proc, ["the red circle"]).tokens[0]
+    monkeypatch.undo()
+    assert with_readout[K + 1] == head.mt_end_id and all(t in head._code_of for t in with_readout[1 : K + 1])
+    assert with_readout[1 : K + 1] != without[1 : K + 1]
+
+
+def test_patch_readout_round_trips(tokenizer_dir, tmp_path):
+    model, proc = _model(tokenizer_dir, seed=4, patch_readout=True)
+    _randomise_readout(model)
+    batch = _batch(proc, model.head, _square_mask())
+    Segmenter(model, proc).save_pretrained(tmp_path)
+    loaded, _ = load_pretrained(tmp_path)
+    assert loaded.head.config.patch_readout
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = model(batch)["readout_ce"]
+        torch.manual_seed(0)
+        torch.testing.assert_close(loaded(batch)["readout_ce"], expected)

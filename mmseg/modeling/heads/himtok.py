@@ -97,6 +97,12 @@ class HiMTokConfig:
     # 0.189, 0.3 -> 0.378 / 0.231, 0.6 -> 0.412 / 0.260, 1.0 -> 0.441 / 0.289. At 1.0 the codes are predicted from
     # the context alone and teacher-forced and free decoding agree (mean IoU 0.540 / 0.533; at 0.0, 0.743 / 0.391).
     code_input_noise: float = 0.0
+    # Add a dense read of the image positions to the code logits (see PatchReadout): code position i's logit for
+    # code j gains <r_i, c_j>, with r (K, code_dim) computed from the last hidden states of the image positions
+    # (which, with the image after the request, already know the referent). ``readout_bottleneck`` channels per
+    # image position and per code position.
+    patch_readout: bool = False
+    readout_bottleneck: int = 16
 
 
 def code_token(index: int, codebook_size: int) -> str:
@@ -162,6 +168,42 @@ class CodebookAdapter(torch.nn.Module):
         torch.nn.init.zeros_(self.predict.weight)
 
 
+class PatchReadout(torch.nn.Module):
+    """Image positions' last hidden states ``(B, P, D)`` -> one vector per code position ``(B, K, code_dim)``.
+
+    ``LayerNorm -> Linear(D, b)`` per image position, a dense ``Linear(P * b, K * b)`` from every image position to
+    every code position, GELU, ``Linear(b, code_dim)``, zero at the start (a new readout changes nothing). The head
+    adds ``r_i . c_j`` to code position ``i``'s logit of code ``j`` (``c_j`` the frozen tokenizer's normalised
+    code vector), in training and in decoding alike.
+
+    Why: a code says WHERE the mask is and what shape it has, globally; the LM has to gather that from the image
+    positions by attention alone, and attention starts out averaging them all (a small object's one or two
+    positions are diluted ~30x). That is the problem the mask tokenizer's own encoder had before its dense
+    patch -> latent map (see ``MaskTokenizer.to_latents``), and this is the same remedy on the LM side: a learned
+    map from each image position's (request-aware) state to each code carries the place from the first steps.
+    It reads only the prompt, so it is the same whether the codes before were teacher-forced or generated.
+    """
+
+    def __init__(self, hidden_size: int, patches: int, num_tokens: int, code_dim: int, bottleneck: int) -> None:
+        super().__init__()
+        self.patches, self.num_tokens, self.bottleneck = patches, num_tokens, bottleneck
+        self.norm = torch.nn.LayerNorm(hidden_size)
+        self.down = torch.nn.Linear(hidden_size, bottleneck)
+        self.mix = torch.nn.Linear(patches * bottleneck, num_tokens * bottleneck)
+        self.up = torch.nn.Linear(bottleneck, code_dim)
+        torch.nn.init.zeros_(self.up.weight)
+        torch.nn.init.zeros_(self.up.bias)
+
+    def forward(self, image_hidden: torch.Tensor) -> torch.Tensor:
+        b, p, _ = image_hidden.shape
+        if p != self.patches:
+            raise ValueError(f"patch_readout was built for {self.patches} image positions, the prompt has {p} "
+                             "(the readout needs image_merge 1)")
+        x = self.down(self.norm(image_hidden)).flatten(1)  # (B, P * b)
+        x = F.gelu(self.mix(x)).view(b, self.num_tokens, self.bottleneck)
+        return self.up(x)  # (B, K, code_dim)
+
+
 @register_head
 class HiMTokHead(MaskHead):
     name = "himtok"
@@ -201,6 +243,10 @@ class HiMTokHead(MaskHead):
         self._code_cache = BudgetMemo(256 * 2**20)  # binarised target -> codes (see codes_of)
         self._host_tokenizer: list[MaskTokenizer] | None = None  # see host_targets
         self.adapter = CodebookAdapter(hidden_size, found.code_dim) if config.codebook_adapter else None
+        self.readout = None
+        if config.patch_readout:
+            self.readout = PatchReadout(hidden_size, grid_size[0] * grid_size[1], found.num_tokens, found.code_dim,
+                                        config.readout_bottleneck)
 
     @property
     def mask_tokenizer(self) -> MaskTokenizer:
@@ -235,16 +281,17 @@ class HiMTokHead(MaskHead):
                 "were built for different codebooks"
             )
         self.mt_start_id, self.mt_end_id = vocab[MT_START], vocab[MT_END]
+        self.image_token_id = processor.image_token_id
         self.mask_point_token_id = self.mt_start_id
         code_ids = [vocab[t] for t in names[2:]]
         self._code_of = {token: code for code, token in enumerate(code_ids)}  # vocabulary id -> code index
         self._code_token_list = code_ids
         self.register_buffer("code_token_ids", torch.tensor(code_ids, dtype=torch.long), persistent=False)
+        vocab_rows = lm.get_input_embeddings().num_embeddings
+        index = torch.full((vocab_rows,), -1, dtype=torch.long)
+        index[torch.tensor(code_ids)] = torch.arange(len(code_ids))
+        self.register_buffer("code_index", index, persistent=False)  # vocabulary id -> code, -1 for text
         if self.adapter is not None:
-            vocab_rows = lm.get_input_embeddings().num_embeddings
-            index = torch.full((vocab_rows,), -1, dtype=torch.long)
-            index[torch.tensor(code_ids)] = torch.arange(len(code_ids))
-            self.register_buffer("code_index", index, persistent=False)  # vocabulary id -> code, -1 for text
             self.unhook()
             self._hooks = [lm.get_input_embeddings().register_forward_hook(self._adapt_embeddings),
                            lm.get_output_embeddings().register_forward_hook(self._adapt_logits)]
@@ -283,6 +330,15 @@ class HiMTokHead(MaskHead):
         self.mask_tokenizer.save_pretrained(Path(folder) / TOKENIZER_DIR)
 
     # -- decoding codes into masks ----------------------------------------------------------------------
+    def readout_logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``ids (B, T)`` holding the image positions and their last hidden states ``(B, T, D)`` -> the patch
+        readout's terms for the K code positions' logits ``(B, K, V)`` float; None without a readout."""
+        if self.readout is None:
+            return None
+        image = ids == self.image_token_id
+        return self.readout(hidden[image].view(ids.shape[0], -1, hidden.shape[-1])).float() @ self._codebook(
+            torch.float32).t()
+
     def soft_codes(self, code_logits: torch.Tensor) -> torch.Tensor:
         """LM logits over the code tokens ``(..., V)`` -> code probabilities ``(..., V)`` (HiMTok's sharpening)."""
         return torch.softmax(self.config.soft_temperature * code_logits.float(), dim=-1)
@@ -390,21 +446,32 @@ class HiMTokHead(MaskHead):
             fits = start[rows] + k + 1 < t
             labelled = batch["labels"][rows, (start[rows] + 1).clamp(max=t - 1)] != -100
             rows = rows[fits & labelled]
-        cap = self.config.mask_loss_samples
-        if cap is not None and rows.numel() > cap:
-            rows = rows[torch.randperm(rows.numel(), device=rows.device)[:cap]].sort().values
         w = self.config.mask_loss_weight
         zero = text_logits.sum() * 0.0
         if rows.numel() == 0:
             out = {"mask_bce": zero, "mask_dice": zero}
             if self.config.num_prefixes > 0:
                 out["mask_prefix"] = zero
+            if self.readout is not None:
+                out["readout_ce"] = zero + 0.0 * sum(p.sum() for p in self.readout.parameters())
             return out
         positions = start[rows, None] + torch.arange(k, device=start.device)  # logits here predict the K codes
         code_logits = text_logits[rows[:, None], positions].index_select(-1, self.code_token_ids)  # (N, K, V)
+        out = {}
+        if self.readout is not None:
+            # The readout's terms join the code logits everywhere they are read; the text CE trains the LM's own
+            # logits, this CE the sum that decoding will use.
+            code_logits = code_logits.float() + self.readout_logits(batch["input_ids"][rows], text_hidden[rows])
+            labels = batch["labels"][rows[:, None], positions + 1]
+            targets = torch.where(labels >= 0, self.code_index[labels.clamp(min=0)], -100)
+            out["readout_ce"] = F.cross_entropy(code_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        cap = self.config.mask_loss_samples
+        if cap is not None and rows.numel() > cap:
+            pick = torch.randperm(rows.numel(), device=rows.device)[:cap].sort().values
+            rows, code_logits = rows[pick], code_logits[pick]
         probs = self.soft_codes(code_logits)
         bce, dice, terms = self.hierarchical_loss(probs, batch["mask_targets"][rows], self.sample_prefixes(len(rows)))
-        out = {"mask_bce": w * bce, "mask_dice": w * self.config.dice_weight * dice}
+        out.update({"mask_bce": w * bce, "mask_dice": w * self.config.dice_weight * dice})
         if self.config.num_prefixes > 0:
             out["mask_prefix"] = w * self.config.prefix_weight * (terms.mean() if terms.numel() else zero)
         return out
@@ -459,6 +526,11 @@ class HiMTokHead(MaskHead):
         if inside:
             rows = torch.tensor(inside, device=logits.device)
             code_logits = logits[rows[:, None], codes]  # (n, V)
+            if self.readout is not None:
+                if "readout" not in state:  # (B, K, V), from the prompt: the same for every step of the session
+                    state["readout"] = self.readout_logits(session.prompt_ids, session.prompt_hidden)
+                steps = torch.tensor([spans[r] for r in inside], device=logits.device)
+                code_logits = code_logits + state["readout"][rows, steps].to(code_logits.dtype)
             out[rows] = lowest
             out[rows[:, None], codes] = code_logits
             probs = self.soft_codes(code_logits)
