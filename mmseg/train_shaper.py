@@ -155,6 +155,9 @@ class ShapingObjective(nn.Module):
         code_pos = s[:, None] + torch.arange(k, device=ids.device)[None]  # logits here predict the K codes
         output = model.lm.get_output_embeddings()
         code_logits = output(shaped_hidden[rows[:, None], code_pos]).index_select(-1, head.code_token_ids).float()
+        readout = head.readout_logits(ids[rows], hidden[rows])  # (N, K, V) from the prompt; None without a readout
+        if readout is not None:
+            code_logits = code_logits + readout
         lookup = torch.full((output.weight.shape[0],), -100, dtype=torch.long, device=ids.device)
         lookup[head.code_token_ids] = torch.arange(head.codebook_size, device=ids.device)
         target_codes = lookup[labels[rows[:, None], code_pos + 1]]  # (N, K) code indices
@@ -163,6 +166,8 @@ class ShapingObjective(nn.Module):
         ce = F.cross_entropy(code_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         with torch.no_grad():
             base_logits = output(hidden[rows[:, None], code_pos]).index_select(-1, head.code_token_ids).float()
+            if readout is not None:
+                base_logits = base_logits + readout
             base_ce = F.cross_entropy(base_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         cfg = head.config
         bce, dice, terms = head.hierarchical_loss(head.soft_codes(code_logits), batch["mask_targets"][rows],

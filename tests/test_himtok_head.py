@@ -693,3 +693,27 @@ def test_patch_readout_round_trips(tokenizer_dir, tmp_path):
         expected = model(batch)["readout_ce"]
         torch.manual_seed(0)
         torch.testing.assert_close(loaded(batch)["readout_ce"], expected)
+
+
+def test_the_shaper_keeps_the_patch_readout(tokenizer_dir):
+    """A shaper built on a HiMTok model with a readout reads the same code logits: readout weights carried over, the
+    same readout_ce on a batch, and the readout joins the shaper's own code logits when it decodes."""
+    from mmseg.modeling.heads.shaper import shaper_from_himtok
+
+    model, proc = _model(tokenizer_dir, seed=5, patch_readout=True)
+    _randomise_readout(model)
+    batch = _batch(proc, model.head, _square_mask())
+    with torch.no_grad():
+        torch.manual_seed(0)
+        before = model(batch)["readout_ce"]
+        shaper = shaper_from_himtok(model, proc).eval()
+        torch.manual_seed(0)
+        torch.testing.assert_close(shaper(batch)["readout_ce"], before)
+    for a, b in zip(shaper.head.readout.parameters(), model.head.readout.parameters()):
+        torch.testing.assert_close(a, b)
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(shaper.head, "constrain", _opening_constrain(shaper.head, proc.eos_token_id))
+    torch.manual_seed(0)
+    gen = _generate(shaper, proc, ["the red circle"], invoke="entropy")
+    monkeypatch.undo()
+    assert gen.tokens[0][K + 1] == shaper.head.mt_end_id and len(gen.masks[0]) == 1

@@ -292,6 +292,11 @@ class ShaperHead(HiMTokHead):
             return [min(1, n) for n in left]
         index = torch.tensor(candidates, device=hidden.device)
         code_logits = session.model.lm.get_output_embeddings()(hidden[index, -1]).index_select(-1, self.code_token_ids)
+        if self.readout is not None:  # the logits decoding will read (see HiMTokHead.constrain)
+            steps = torch.tensor([min(self._open_span(session.tokens[r]), self.num_tokens - 1) for r in candidates],
+                                 device=hidden.device)
+            readout = self.readout_logits(session.prompt_ids[index], session.prompt_hidden[index])
+            code_logits = code_logits.float() + readout[torch.arange(len(candidates), device=hidden.device), steps]
         entropy = normalised_entropy(code_logits)  # of the NEXT mask token's distribution
         if mode == "entropy":
             wanted = entropy_rounds(entropy, self.config.entropy_low, self.config.entropy_high,
@@ -342,8 +347,9 @@ def shaper_from_himtok(model: "MMSegModel", processor: Any, options: dict[str, A
                       asset_dir=asset_dir)
     model.unhook()  # the new model re-adds the grounder's hook, the new head the adapter's (same weights, below)
     head.bind(processor, model.lm)
-    if model.head.adapter is not None:
-        head.adapter.load_state_dict(model.head.adapter.state_dict())
+    for part in ("adapter", "readout"):  # the HiMTok head's own learned parts, when it has them
+        if getattr(model.head, part) is not None:
+            getattr(head, part).load_state_dict(getattr(model.head, part).state_dict())
     config = dataclasses.replace(model.config, head=merged)
     # The grounder and probe come along: a gated backbone without its gate would be another model (and its
     # checkpoint would not load).
