@@ -100,7 +100,9 @@ class HiMTokConfig:
     # Add a dense read of the image positions to the code logits (see PatchReadout): code position i's logit for
     # code j gains <r_i, c_j>, with r (K, code_dim) computed from the last hidden states of the image positions
     # (which, with the image after the request, already know the referent). ``readout_bottleneck`` channels per
-    # image position and per code position.
+    # image position and per code position. Measured (session 13, tiny-himtok from scratch, 20 minutes on one core
+    # each, train-seed val cIoU with own answers over 256 sentences): without 0.106, with 0.168, with and every mask
+    # decoded in the mask loss (``mask_loss_samples`` None instead of 8) 0.190; the codebook adapter instead: 0.077.
     patch_readout: bool = False
     readout_bottleneck: int = 16
 
