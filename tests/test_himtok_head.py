@@ -539,13 +539,14 @@ def test_codebook_adapter_starts_silent_then_adds_the_code_geometry(himtok, toke
         torch.testing.assert_close(embedding(ids)[0, 0], embedding.weight[ids[0, 0]] + head.adapter.embed(codebook[5]))
 
 
-def test_codebook_adapter_round_trips(tokenizer_dir, tmp_path):
-    model, proc = _adapted(tokenizer_dir, seed=1)
-    _randomise_adapter(model)
+@pytest.mark.parametrize("part", ["codebook_adapter", "patch_readout"])
+def test_learned_code_parts_round_trip(tokenizer_dir, tmp_path, part):
+    model, proc = _model(tokenizer_dir, seed=1, **{part: True})
+    (_randomise_adapter if part == "codebook_adapter" else _randomise_readout)(model)
     batch = _batch(proc, model.head, _square_mask())
     Segmenter(model, proc).save_pretrained(tmp_path)
     loaded, _ = load_pretrained(tmp_path)
-    assert loaded.head.config.codebook_adapter
+    assert getattr(loaded.head.config, part)
     with torch.no_grad():
         torch.manual_seed(0)
         expected = model(batch)["loss"]
@@ -679,20 +680,6 @@ def test_patch_readout_joins_the_code_logits_when_decoding(tokenizer_dir):
     monkeypatch.undo()
     assert with_readout[K + 1] == head.mt_end_id and all(t in head._code_of for t in with_readout[1 : K + 1])
     assert with_readout[1 : K + 1] != without[1 : K + 1]
-
-
-def test_patch_readout_round_trips(tokenizer_dir, tmp_path):
-    model, proc = _model(tokenizer_dir, seed=4, patch_readout=True)
-    _randomise_readout(model)
-    batch = _batch(proc, model.head, _square_mask())
-    Segmenter(model, proc).save_pretrained(tmp_path)
-    loaded, _ = load_pretrained(tmp_path)
-    assert loaded.head.config.patch_readout
-    with torch.no_grad():
-        torch.manual_seed(0)
-        expected = model(batch)["readout_ce"]
-        torch.manual_seed(0)
-        torch.testing.assert_close(loaded(batch)["readout_ce"], expected)
 
 
 def test_the_shaper_keeps_the_patch_readout(tokenizer_dir):
