@@ -11,10 +11,12 @@ Re-running with the same output folder resumes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -55,23 +57,27 @@ def instance_files(data_dirs: list[str | Path]) -> list[Path]:
     return files
 
 
-def load_masks(data_dirs: list[str | Path], n: int, frame: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """The first ``n`` annotation masks of ``data_dirs`` as bool ``(n, S, S)``, each letterboxed into its image's
-    square frame (``S``: the first image's longer side, or ``frame``), and their category names."""
-    masks, kinds = [], []
-    for path in instance_files(data_dirs):
-        data = json.loads(path.read_text())
+def annotations(files: list[Path]) -> Iterator[tuple[object, int, int, str]]:
+    """``(segmentation, height, width, category name)`` of every annotation with a mask in COCO instance ``files``."""
+    for path in files:
+        data = json.loads(Path(path).read_text())
         images = {im["id"]: im for im in data["images"]}
         names = {c["id"]: c["name"] for c in data.get("categories", [])}
         for ann in data["annotations"]:
             im = images.get(ann["image_id"])
-            if im is None or not ann.get("segmentation"):
-                continue
-            frame = frame or max(im["height"], im["width"])
-            masks.append(letterbox_mask(decode_segmentation(ann["segmentation"], im["height"], im["width"]), frame))
-            kinds.append(names.get(ann["category_id"], str(ann["category_id"])))
-            if len(masks) == n:
-                return np.stack(masks), kinds
+            if im is not None and ann.get("segmentation"):
+                yield (ann["segmentation"], int(im["height"]), int(im["width"]),
+                       names.get(ann["category_id"], str(ann["category_id"])))
+
+
+def load_masks(data_dirs: list[str | Path], n: int, frame: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """The first ``n`` annotation masks of ``data_dirs`` as bool ``(n, S, S)``, each letterboxed into its image's
+    square frame (``S``: the first image's longer side, or ``frame``), and their category names."""
+    masks, kinds = [], []
+    for seg, h, w, kind in itertools.islice(annotations(instance_files(data_dirs)), n):
+        frame = frame or max(h, w)
+        masks.append(letterbox_mask(decode_segmentation(seg, h, w), frame))
+        kinds.append(kind)
     if not masks:
         raise ValueError(f"no annotation masks in {[str(d) for d in data_dirs]}")
     return np.stack(masks), kinds
@@ -101,14 +107,7 @@ class MaskSource:
     def __init__(self, instance_files: list[Path], size: int, procedural_fraction: float = 0.4) -> None:
         self.size = size
         self.procedural_fraction = procedural_fraction
-        self.items: list[tuple[dict, int, int]] = []
-        for path in instance_files:
-            data = json.loads(Path(path).read_text())
-            images = {im["id"]: im for im in data["images"]}
-            for ann in data["annotations"]:
-                im = images.get(ann["image_id"])
-                if im is not None and ann.get("segmentation"):
-                    self.items.append((ann["segmentation"], int(im["height"]), int(im["width"])))
+        self.items = [(seg, h, w) for seg, h, w, _ in annotations(instance_files)]
         if not self.items and procedural_fraction < 1:
             raise ValueError(f"no annotation masks found in {[str(p) for p in instance_files]}")
 

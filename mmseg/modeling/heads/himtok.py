@@ -58,6 +58,7 @@ MT_START = "<mt_start>"
 MT_END = "<mt_end>"
 TOKENIZER_DIR = "mask_tokenizer"  # the mask tokenizer's folder inside a checkpoint
 STATE_KEY = "himtok"  # this head's entry in DecodeSession.state
+READOUT_KEY = "himtok_readout"  # the patch readout's per-session terms in DecodeSession.state
 TRAIN_COMMAND = "mmseg train-tokenizer --data DATA_ROOT --out {folder}"
 _CODE_TOKEN = re.compile(r"^<mt_(\d+)>$")
 
@@ -341,6 +342,14 @@ class HiMTokHead(MaskHead):
         return self.readout(hidden[image].view(ids.shape[0], -1, hidden.shape[-1])).float() @ self._codebook(
             torch.float32).t()
 
+    def session_readout(self, session: "DecodeSession", rows: torch.Tensor, steps: list[int]) -> torch.Tensor:
+        """The readout's terms ``(n, V)`` for the next code of ``rows (n,)``, code index ``steps[i]`` each (clamped
+        to the last code). Computed once per session from its prompt (the same for every step) and kept there."""
+        if READOUT_KEY not in session.state:
+            session.state[READOUT_KEY] = self.readout_logits(session.prompt_ids, session.prompt_hidden)  # (B, K, V)
+        index = torch.tensor([min(n, self.num_tokens - 1) for n in steps], device=rows.device)
+        return session.state[READOUT_KEY][rows, index]
+
     def soft_codes(self, code_logits: torch.Tensor) -> torch.Tensor:
         """LM logits over the code tokens ``(..., V)`` -> code probabilities ``(..., V)`` (HiMTok's sharpening)."""
         return torch.softmax(self.config.soft_temperature * code_logits.float(), dim=-1)
@@ -529,10 +538,8 @@ class HiMTokHead(MaskHead):
             rows = torch.tensor(inside, device=logits.device)
             code_logits = logits[rows[:, None], codes]  # (n, V)
             if self.readout is not None:
-                if "readout" not in state:  # (B, K, V), from the prompt: the same for every step of the session
-                    state["readout"] = self.readout_logits(session.prompt_ids, session.prompt_hidden)
-                steps = torch.tensor([spans[r] for r in inside], device=logits.device)
-                code_logits = code_logits + state["readout"][rows, steps].to(code_logits.dtype)
+                code_logits = code_logits + self.session_readout(session, rows, [spans[r] for r in inside]).to(
+                    code_logits.dtype)
             out[rows] = lowest
             out[rows[:, None], codes] = code_logits
             probs = self.soft_codes(code_logits)

@@ -293,10 +293,8 @@ class ShaperHead(HiMTokHead):
         index = torch.tensor(candidates, device=hidden.device)
         code_logits = session.model.lm.get_output_embeddings()(hidden[index, -1]).index_select(-1, self.code_token_ids)
         if self.readout is not None:  # the logits decoding will read (see HiMTokHead.constrain)
-            steps = torch.tensor([min(self._open_span(session.tokens[r]), self.num_tokens - 1) for r in candidates],
-                                 device=hidden.device)
-            readout = self.readout_logits(session.prompt_ids[index], session.prompt_hidden[index])
-            code_logits = code_logits.float() + readout[torch.arange(len(candidates), device=hidden.device), steps]
+            steps = [self._open_span(session.tokens[r]) for r in candidates]
+            code_logits = code_logits.float() + self.session_readout(session, index, steps)
         entropy = normalised_entropy(code_logits)  # of the NEXT mask token's distribution
         if mode == "entropy":
             wanted = entropy_rounds(entropy, self.config.entropy_low, self.config.entropy_high,
