@@ -184,8 +184,8 @@ def test_the_model_loss_averages_all_sampled_prefixes(himtok, monkeypatch):
     captured = {}
     original = head.hierarchical_loss
 
-    def spy(probs, target, prefixes):
-        out = original(probs, target, prefixes)
+    def spy(probs, target, prefixes, prefix_rows=None):
+        out = original(probs, target, prefixes, prefix_rows)
         captured.update(rows=probs.shape[0], prefixes=prefixes, terms=out[2])
         return out
 
@@ -210,6 +210,40 @@ def test_mask_loss_samples_caps_the_decoded_rows(himtok, monkeypatch):
     with torch.no_grad():
         losses = model(_batch(proc, head, _square_mask()))
     assert seen == [1] and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_prefix_samples_decodes_prefixes_of_a_subset_only(himtok, monkeypatch):
+    """``prefix_samples`` caps the masks whose prefixes are decoded; every mask still gets its full decode, and a
+    subset's prefix terms equal those of the same masks decoded on their own."""
+    import dataclasses
+
+    model, proc = himtok
+    head = model.head
+    target = torch.stack([_square_mask(), _square_mask().flip(0), _square_mask().t()])
+    probs = torch.softmax(torch.randn(3, K, CODES) * 3, -1).requires_grad_(True)
+    prefixes = torch.tensor([[4, 9], [2, 6]])
+    rows = torch.tensor([0, 2])
+    bce, _, terms = head.hierarchical_loss(probs, target, prefixes, rows)
+    _, _, alone = head.hierarchical_loss(probs[rows], target[rows], prefixes)
+    full_bce, _, _ = head.hierarchical_loss(probs, target, torch.zeros(3, 0, dtype=torch.long))
+    torch.testing.assert_close(terms, alone)
+    torch.testing.assert_close(bce, full_bce)
+    grad, = torch.autograd.grad(terms.sum(), probs)
+    assert grad[1].abs().sum() == 0 and grad[0].abs().sum() > 0 and grad[2].abs().sum() > 0
+    with pytest.raises(ValueError, match="prefix rows"):
+        head.hierarchical_loss(probs, target, prefixes, torch.tensor([0]))
+
+    monkeypatch.setattr(head, "config", dataclasses.replace(head.config, prefix_samples=1))
+    picked, lengths = head.sample_prefix_rows(3)[::-1]
+    assert picked.shape == (1,) and lengths.shape == (1, head.config.num_prefixes) and 0 <= int(picked) < 3
+    seen = []
+    original = head.hierarchical_loss
+    monkeypatch.setattr(head, "hierarchical_loss",
+                        lambda probs, target, pre, at=None: seen.append((probs.shape[0], pre.shape[0]))
+                        or original(probs, target, pre, at))
+    with torch.no_grad():
+        losses = model(_batch(proc, head, _square_mask()))
+    assert seen == [(2, 1)] and all(torch.isfinite(v) for v in losses.values())
 
 
 def test_frozen_tokenizer_gets_no_gradient_and_stays_out_of_the_optimizer(himtok):

@@ -86,6 +86,10 @@ class HiMTokConfig:
     # At most this many masks per batch get the decoded mask loss (a random subset; None = all). Decoding through
     # the frozen tokenizer costs about as much as the LM itself on a CPU; the code-token CE trains every row.
     mask_loss_samples: int | None = None
+    # At most this many of those masks (a random subset; None = all) also get the ``num_prefixes`` prefix decodes.
+    # Why: each prefix is one more tokenizer decode per mask; with every mask decoded 1 + 2 times, the decodes took
+    # ~45% of a tiny-himtok step on this CPU (96 decodes: 318 ms forward + backward against ~390 ms for the rest).
+    prefix_samples: int | None = None
     # Give the code tokens the codebook's geometry (see CodebookAdapter): their input embeddings gain
     # ``A c_j`` and their logits ``<B h, c_j>``, with ``c_j`` the frozen tokenizer's normalised code vectors, so
     # codes that decode alike are read and predicted alike from the first step. Off: free rows only, as HiMTok.
@@ -411,37 +415,51 @@ class HiMTokHead(MaskHead):
         weights = 1.0 / (torch.arange(1, k, dtype=torch.float32) + self.config.prefix_offset)
         return torch.multinomial(weights.expand(n, -1), p, replacement=False) + 1
 
+    def sample_prefix_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of ``n`` masks, the ones whose prefixes are decoded (at most ``prefix_samples``, a random subset in order)
+        and their prefix lengths: ``(prefixes (M, P), rows (M,))``, the arguments of :meth:`hierarchical_loss`."""
+        cap = self.config.prefix_samples
+        rows = torch.arange(n) if cap is None or n <= cap else torch.randperm(n)[:cap].sort().values
+        return self.sample_prefixes(len(rows)), rows
+
     def prefix_sigma(self, k: int) -> float:
         """Blur (pixels at the tokenizer's mask size) of the target for a ``k``-token prefix: strongest at k=1,
         none at k=K."""
         side = self.mask_tokenizer.config.mask_size
         return self.config.prefix_blur * side * (self.num_tokens - k) / max(1, self.num_tokens - 1)
 
-    def hierarchical_loss(self, probs: torch.Tensor, target: torch.Tensor,
-                          prefixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def hierarchical_loss(self, probs: torch.Tensor, target: torch.Tensor, prefixes: torch.Tensor,
+                          prefix_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The mask loss of HiMTok, unweighted.
 
-        ``probs (N, K, V)`` soft codes, ``target (N, S, S)`` in [0, 1], ``prefixes (N, P)`` prefix lengths.
-        Returns ``(bce, dice)`` of the full decode and ``prefix_terms (P,)``: column ``j`` is
-        ``BCE + dice_weight * Dice`` of every mask decoded from its ``prefixes[:, j]`` first codes against its
-        blurred target. All decodes share ONE decoder pass.
+        ``probs (N, K, V)`` soft codes, ``target (N, S, S)`` in [0, 1], ``prefixes (M, P)`` prefix lengths for the
+        masks ``prefix_rows (M,)`` (indices into N; default: all N masks, in order).
+        Returns ``(bce, dice)`` of the full decode of all N and ``prefix_terms (P,)``: column ``j`` is
+        ``BCE + dice_weight * Dice`` of every one of the M masks decoded from its ``prefixes[:, j]`` first codes
+        against its blurred target. All decodes share ONE decoder pass.
         """
         n, k, _ = probs.shape
-        p = prefixes.shape[1]
+        m, p = prefixes.shape
         prefixes = prefixes.to(probs.device)
+        if prefix_rows is None:
+            prefix_rows = torch.arange(n, device=probs.device)
+        if prefix_rows.shape[0] != m:
+            raise ValueError(f"{m} rows of prefix lengths for {prefix_rows.shape[0]} prefix rows")
         keep = torch.cat([torch.full((n,), k, dtype=torch.long, device=probs.device), prefixes.t().reshape(-1)])
-        logits = self.decode_probs(probs.repeat(p + 1, 1, 1), keep)  # (N * (P + 1), m, m): full, then column j
+        decoded = torch.cat([probs, probs[prefix_rows].repeat(p, 1, 1)])  # (N + M * P, K, V): full, then column j
+        logits = self.decode_probs(decoded, keep)
         side = logits.shape[-2:]
         soft_target = downsample_targets(target, side)
         bce, dice = bce_loss(logits[:n], soft_target), dice_loss(logits[:n], soft_target)
+        prefix_target = soft_target[prefix_rows]
         terms = []
         for j in range(p):
-            column = logits[n * (j + 1) : n * (j + 2)]
-            blurred = torch.empty_like(soft_target)
+            column = logits[n + m * j : n + m * (j + 1)]
+            blurred = torch.empty_like(prefix_target)
             for length in prefixes[:, j].unique().tolist():
                 rows = prefixes[:, j] == length
                 # .to(): under autocast the blur's convolution returns bf16/fp16 (mixed-precision training)
-                blurred[rows] = gaussian_blur(soft_target[rows], self.prefix_sigma(int(length))).to(blurred.dtype)
+                blurred[rows] = gaussian_blur(prefix_target[rows], self.prefix_sigma(int(length))).to(blurred.dtype)
             terms.append(bce_loss(column, blurred) + self.config.dice_weight * dice_loss(column, blurred))
         prefix_terms = torch.stack(terms) if terms else logits.new_zeros(0)
         return bce, dice, prefix_terms
@@ -481,7 +499,7 @@ class HiMTokHead(MaskHead):
             pick = torch.randperm(rows.numel(), device=rows.device)[:cap].sort().values
             rows, code_logits = rows[pick], code_logits[pick]
         probs = self.soft_codes(code_logits)
-        bce, dice, terms = self.hierarchical_loss(probs, batch["mask_targets"][rows], self.sample_prefixes(len(rows)))
+        bce, dice, terms = self.hierarchical_loss(probs, batch["mask_targets"][rows], *self.sample_prefix_rows(len(rows)))
         out.update({"mask_bce": w * bce, "mask_dice": w * self.config.dice_weight * dice})
         if self.config.num_prefixes > 0:
             out["mask_prefix"] = w * self.config.prefix_weight * (terms.mean() if terms.numel() else zero)
