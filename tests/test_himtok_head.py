@@ -535,6 +535,37 @@ def test_latency_benchmark_puts_himtok_beside_stamp(tmp_path, monkeypatch, capsy
     assert result["mask_tokens"] == 32 and result["codes_match"] and result["mask_ms_kv_cache"] > 0
 
 
+def test_steerability_benchmark_measures_shifts_at_text_and_code_inputs(himtok, synthref_root, tmp_path, monkeypatch,
+                                                                      capsys):
+    import importlib.util
+    import sys
+
+    from tiny import tiny_model
+
+    model, proc = himtok
+    model.save_pretrained(tmp_path / "himtok")
+    proc.save_pretrained(tmp_path / "himtok")
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("steerability_benchmark", root / "benchmarks" / "steerability.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "steer.json"
+    result = bench.main(["--model", str(tmp_path / "himtok"), "--data", str(synthref_root), "--samples", "3",
+                         "--scales", "0", "2", "--json", str(out)])
+    assert json.loads(out.read_text()) == result and len(result["rows"]) == 2 * len(bench.SITES)
+    for row in result["rows"]:
+        assert row["kl"] >= -1e-6 and 0 <= row["argmax_changed"] <= 1
+        if row["scale"] == 0:  # no shift, no change
+            assert abs(row["kl"]) < 1e-4 and row["argmax_changed"] == 0
+    assert any(row["kl"] > 0 for row in result["rows"])
+    assert "KL per code" in capsys.readouterr().out
+
+    stamp, stamp_proc = tiny_model(seed=3)
+    Segmenter(stamp, stamp_proc).save_pretrained(tmp_path / "stamp")
+    with pytest.raises(SystemExit, match="'stamp' head; this measures HiMTok models"):
+        bench.main(["--model", str(tmp_path / "stamp"), "--data", str(synthref_root), "--json", str(out)])
+
+
 # -- the codebook adapter ------------------------------------------------------------------------------------
 def _adapted(tokenizer_dir: Path, seed: int = 0, model_options: dict | None = None):
     torch.manual_seed(seed)

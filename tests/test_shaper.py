@@ -331,6 +331,38 @@ def test_stage_one_objective_matches_inference_and_trains_only_the_shaper(forced
             shaper.head.control.strengths.copy_(torch.tensor([1.0, -0.5, 2.0, 1.5]))
 
 
+def test_steer_start_shapes_at_mt_start_in_decoding_and_training_alike(forced, monkeypatch):
+    """``steer_start`` adds a checkpoint at ``<mt_start>`` (index -1): decoding shapes there first, and the stage-1
+    objective at point -1 computes the same shift from the same states and trains every code after it."""
+    import dataclasses
+
+    from mmseg.train_shaper import ShapingObjective
+
+    _, shaper, proc = forced
+    head = shaper.head
+    monkeypatch.setattr(head, "config", dataclasses.replace(head.config, steer_start=True))
+    assert head.checkpoints() == [-1, 3, 7, 11, 15, 19, 23, 27]
+    shifts = []
+    original = head.shift
+    monkeypatch.setattr(head, "shift", lambda *a: shifts.append(original(*a)) or shifts[-1])
+    pixels = torch.randn(1, 3, 64, 64)
+    prompt = proc.encode_chat([{"role": "user", "content": QUERIES[0]}])[0]
+    gen = generate(shaper, [prompt], pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
+                   max_new_tokens=4, options={"invoke": "always"})
+    assert gen.masks[0][0].info["invoked_at"] == [-1, 3, 7, 11]  # the cap of 4 reached at code 11
+    answer = gen.tokens[0] + [proc.eos_token_id]
+    ids = torch.tensor([prompt + answer])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
+             "labels": torch.tensor([[-100] * len(prompt) + answer]), "mask_targets": torch.zeros(1, 64, 64),
+             "seg_positions": torch.tensor([len(prompt)])}
+    with torch.no_grad():
+        losses = ShapingObjective(shaper)(batch, torch.tensor([-1]))
+    torch.testing.assert_close(shifts[-1], shifts[0], atol=1e-4, rtol=1e-3)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["shaped_ce"] != losses["base_ce"]
+    never = _generate(shaper, proc, QUERIES[:1], invoke="never")
+    assert never.masks[0][0].info["invoked_at"] == []
+
+
 def test_stage_one_objective_under_bf16_autocast(forced):
     """The mixed-precision path of the real presets (the hierarchical loss's blur runs in bf16 under autocast)."""
     from mmseg.train_shaper import ShapingObjective
