@@ -441,8 +441,8 @@ class HiMTokHead(MaskHead):
         n, k, _ = probs.shape
         m, p = prefixes.shape
         prefixes = prefixes.to(probs.device)
-        if prefix_rows is None:
-            prefix_rows = torch.arange(n, device=probs.device)
+        prefix_rows = torch.arange(n) if prefix_rows is None else prefix_rows
+        prefix_rows = prefix_rows.to(probs.device)
         if prefix_rows.shape[0] != m:
             raise ValueError(f"{m} rows of prefix lengths for {prefix_rows.shape[0]} prefix rows")
         keep = torch.cat([torch.full((n,), k, dtype=torch.long, device=probs.device), prefixes.t().reshape(-1)])
