@@ -286,26 +286,32 @@ def test_save_and_from_pretrained_give_identical_answers(forced, tmp_path, monke
 
 
 # -- training -----------------------------------------------------------------------------------------------------
+def _shaped_rollout(shaper, proc, query: str, monkeypatch):
+    """Decode ``query`` with ``invoke="always"``, recording every shift the head computes; returns the generation,
+    the shifts in order, and the teacher-forced batch of the same answer (for the stage-1 objective)."""
+    shifts = []
+    original = shaper.head.shift
+    monkeypatch.setattr(shaper.head, "shift", lambda *a: shifts.append(original(*a)) or shifts[-1])
+    pixels = torch.randn(1, 3, 64, 64)
+    prompt = proc.encode_chat([{"role": "user", "content": query}])[0]
+    gen = generate(shaper, [prompt], pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
+                   max_new_tokens=4, options={"invoke": "always"})
+    answer = gen.tokens[0] + [proc.eos_token_id]
+    ids = torch.tensor([prompt + answer])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
+             "labels": torch.tensor([[-100] * len(prompt) + answer]), "mask_targets": torch.zeros(1, 64, 64),
+             "seg_positions": torch.tensor([len(prompt)])}
+    return gen, shifts, batch
+
+
 def test_stage_one_objective_matches_inference_and_trains_only_the_shaper(forced, monkeypatch):
     """The teacher-forced states equal the ones decoding collects: the shift computed in training for mask token i
     is the one inference adds there. Gradients reach the shaper's parts, never the frozen model."""
     from mmseg.train_shaper import ShapingObjective, freeze_for
 
     _, shaper, proc = forced
-    head = shaper.head
-    shifts = []
-    original = head.shift
-    monkeypatch.setattr(head, "shift", lambda *a: shifts.append(original(*a)) or shifts[-1])
-    pixels = torch.randn(1, 3, 64, 64)
-    prompt = proc.encode_chat([{"role": "user", "content": QUERIES[1]}])[0]
-    gen = generate(shaper, [prompt], pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
-                   max_new_tokens=4, options={"invoke": "always"})
+    _, shifts, batch = _shaped_rollout(shaper, proc, QUERIES[1], monkeypatch)
     inference_shift = shifts[0]  # at mask token 3, before any other shaping
-    answer = gen.tokens[0] + [proc.eos_token_id]
-    ids = torch.tensor([prompt + answer])
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
-             "labels": torch.tensor([[-100] * len(prompt) + answer]), "mask_targets": torch.zeros(1, 64, 64),
-             "seg_positions": torch.tensor([len(prompt)])}
     objective = ShapingObjective(shaper)
     freeze_for(shaper, 1)
     try:
@@ -342,19 +348,8 @@ def test_steer_start_shapes_at_mt_start_in_decoding_and_training_alike(forced, m
     head = shaper.head
     monkeypatch.setattr(head, "config", dataclasses.replace(head.config, steer_start=True))
     assert head.checkpoints() == [-1, 3, 7, 11, 15, 19, 23, 27]
-    shifts = []
-    original = head.shift
-    monkeypatch.setattr(head, "shift", lambda *a: shifts.append(original(*a)) or shifts[-1])
-    pixels = torch.randn(1, 3, 64, 64)
-    prompt = proc.encode_chat([{"role": "user", "content": QUERIES[0]}])[0]
-    gen = generate(shaper, [prompt], pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
-                   max_new_tokens=4, options={"invoke": "always"})
+    gen, shifts, batch = _shaped_rollout(shaper, proc, QUERIES[0], monkeypatch)
     assert gen.masks[0][0].info["invoked_at"] == [-1, 3, 7, 11]  # the cap of 4 reached at code 11
-    answer = gen.tokens[0] + [proc.eos_token_id]
-    ids = torch.tensor([prompt + answer])
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
-             "labels": torch.tensor([[-100] * len(prompt) + answer]), "mask_targets": torch.zeros(1, 64, 64),
-             "seg_positions": torch.tensor([len(prompt)])}
     with torch.no_grad():
         losses = ShapingObjective(shaper)(batch, torch.tensor([-1]))
     torch.testing.assert_close(shifts[-1], shifts[0], atol=1e-4, rtol=1e-3)
