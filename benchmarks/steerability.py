@@ -40,15 +40,12 @@ def code_logits(model, batch: dict[str, torch.Tensor], shift_at: torch.Tensor | 
     """Teacher-forced code logits ``(B, K, V)`` at the K positions predicting the codes; with ``shift (B, D)`` added
     to the input embedding at ``shift_at (B,)``."""
     input_ids = batch["input_ids"]
-    b, t = input_ids.shape
+    b = input_ids.shape[0]
     embeds, _ = model.embed_inputs(input_ids, pixel_values=batch["pixel_values"])
     if shift is not None:
         embeds = embeds.clone()
         embeds[torch.arange(b), shift_at] += shift.to(embeds.dtype)
-    image = input_ids == model.image_token_id
-    rows = model.text_attention(batch["attention_mask"], image)
-    positions = torch.arange(t)[None].expand(b, t)
-    hidden = model.run_decoder(embeds, rows[:, None], positions, use_cache=False, image_positions=image)
+    hidden = model.text_hidden(embeds, input_ids, batch["attention_mask"])
     head = model.head
     at = batch["seg_positions"][:, None] + torch.arange(head.num_tokens)
     return model.lm.get_output_embeddings()(hidden[torch.arange(b)[:, None], at]).index_select(

@@ -109,14 +109,11 @@ class ShapingObjective(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], points: torch.Tensor) -> dict[str, torch.Tensor]:
         model, head = self.model, self.model.head
         ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        b, t = ids.shape
+        t = ids.shape[1]
         k = head.num_tokens
-        positions = torch.arange(t, device=ids.device)[None].expand(b, t)
-        rows_attention = model.text_attention(attention, ids == model.image_token_id)[:, None]
         with torch.no_grad():  # the frozen model's teacher-forced pass: where the shaper reads its states
             embeds, _ = model.embed_inputs(ids, batch["pixel_values"])
-            hidden = model.run_decoder(embeds, rows_attention, positions, use_cache=False,
-                                       image_positions=ids == model.image_token_id)
+            hidden = model.text_hidden(embeds, ids, attention)
         start = batch["seg_positions"]
         rows = (start >= 0).nonzero()[:, 0]
         if rows.numel():  # as HiMTok's loss: spans the answer trains, all K codes inside the sequence
@@ -150,8 +147,7 @@ class ShapingObjective(nn.Module):
         shift = head.shift(model, recent, recent_valid, memory, memory_valid, p)  # (N, D), the only grad path
         shaped = embeds.clone()
         shaped[rows, pos] = shaped[rows, pos] + shift.to(shaped.dtype)
-        shaped_hidden = model.run_decoder(shaped, rows_attention, positions, use_cache=False,
-                                          image_positions=ids == model.image_token_id)
+        shaped_hidden = model.text_hidden(shaped, ids, attention)
         code_pos = s[:, None] + torch.arange(k, device=ids.device)[None]  # logits here predict the K codes
         output = model.lm.get_output_embeddings()
         code_logits = output(shaped_hidden[rows[:, None], code_pos]).index_select(-1, head.code_token_ids).float()

@@ -125,6 +125,16 @@ class MMSegModel(nn.Module):
         finally:
             self._image_positions = None
 
+    def text_hidden(self, embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced last hidden states ``(B, T, D)`` of a text batch ``input_ids (B, T)`` whose ``embeds
+        (B, T, D)`` carry the image (see :meth:`embed_inputs`): causal text, the image block as configured, the
+        grounder on. No head inputs, no cache."""
+        b, t = input_ids.shape
+        image = input_ids == self.image_token_id
+        positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
+        return self.run_decoder(embeds, self.text_attention(attention_mask, image)[:, None], positions,
+                                use_cache=False, image_positions=image)
+
     def text_attention(self, attention_mask: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
         """``attention_mask (B, T)`` padding mask, ``image_positions (B, T)`` bool -> ``(B, T, T)`` bool: causal
         over valid tokens, and bidirectional among the image positions when ``config.image_attention`` says so."""

@@ -112,6 +112,14 @@ class HiMTokConfig:
     readout_bottleneck: int = 16
 
 
+def random_subset(n: int, cap: int | None, device: torch.device | str | None = None) -> torch.Tensor:
+    """Indices ``(min(n, cap),)`` of a random subset of ``0..n-1`` in increasing order; all of them when ``cap`` is
+    None or at least ``n``."""
+    if cap is None or n <= cap:
+        return torch.arange(n, device=device)
+    return torch.randperm(n, device=device)[:cap].sort().values
+
+
 def code_token(index: int, codebook_size: int) -> str:
     """The vocabulary token of code ``index``: ``<mt_0042>`` (at least four digits)."""
     return f"<mt_{index:0{max(4, len(str(codebook_size - 1)))}d}>"
@@ -418,8 +426,7 @@ class HiMTokHead(MaskHead):
     def sample_prefix_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Of ``n`` masks, the ones whose prefixes are decoded (at most ``prefix_samples``, a random subset in order)
         and their prefix lengths: ``(prefixes (M, P), rows (M,))``, the arguments of :meth:`hierarchical_loss`."""
-        cap = self.config.prefix_samples
-        rows = torch.arange(n) if cap is None or n <= cap else torch.randperm(n)[:cap].sort().values
+        rows = random_subset(n, self.config.prefix_samples)
         return self.sample_prefixes(len(rows)), rows
 
     def prefix_sigma(self, k: int) -> float:
@@ -494,9 +501,8 @@ class HiMTokHead(MaskHead):
             labels = batch["labels"][rows[:, None], positions + 1]
             targets = torch.where(labels >= 0, self.code_index[labels.clamp(min=0)], -100)
             out["readout_ce"] = F.cross_entropy(code_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        cap = self.config.mask_loss_samples
-        if cap is not None and rows.numel() > cap:
-            pick = torch.randperm(rows.numel(), device=rows.device)[:cap].sort().values
+        if self.config.mask_loss_samples is not None and rows.numel() > self.config.mask_loss_samples:
+            pick = random_subset(rows.numel(), self.config.mask_loss_samples, rows.device)
             rows, code_logits = rows[pick], code_logits[pick]
         probs = self.soft_codes(code_logits)
         bce, dice, terms = self.hierarchical_loss(probs, batch["mask_targets"][rows], *self.sample_prefix_rows(len(rows)))
