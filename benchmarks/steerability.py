@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default="benchmarks/results/steerability.json")
     args = parser.parse_args(argv)
 
+    # Seeded: the collator swaps input codes at random when the model was trained with code_input_noise, from
+    # torch's generator; without a seed every run would teacher-force other inputs.
+    torch.manual_seed(args.seed)
     model, processor = load_pretrained(args.model)
     if model.head.name != "himtok":
         raise SystemExit(f"{args.model} has a {model.head.name!r} head; this measures HiMTok models")

@@ -77,7 +77,7 @@ class ShaperConfig(HiMTokConfig):
     # so a shift there barely moves the codes after it; ``<mt_start>`` is read by every code. Measured with
     # benchmarks/steerability.py on synthref-himtok (session 14; random shift of 3x the mean embedding norm, 32
     # teacher-forced val sentences): KL per later code 0.222 and 27% of their argmaxes changed at <mt_start>,
-    # against 0.013 / 2.3% at code 4's input and 0.018 / 4.0% at code 16's.
+    # against 0.012 / 3.2% at code 4's input and 0.017 / 4.6% at code 16's.
     steer_start: bool = False
     max_invocations: int = 4  # cap on shaping rounds per mask
     entropy_low: float = 0.3  # CNTP rule, on entropy normalised by log(codebook size)
