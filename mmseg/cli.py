@@ -42,7 +42,8 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
     summary = train_tokenizer(args.data, args.out, config, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, max_minutes=args.max_minutes, device=args.device, num_workers=args.workers,
                               init=args.init, train_part=args.train_part, mixed_precision=args.mixed_precision,
-                              val_data=args.val, val_masks=args.val_masks, eval_every=args.eval_every)
+                              val_data=args.val, val_masks=args.val_masks, eval_every=args.eval_every,
+                              procedural_fraction=args.procedural_fraction, loss_at_frame=args.loss_at_frame)
     print(json.dumps(summary, indent=2))
 
 
@@ -124,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "round-trip IoU logged every --eval-every steps")
     p.add_argument("--val-masks", type=int, default=256, help="how many held-out masks to round-trip")
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--procedural-fraction", type=float, default=0.4,
+                   help="share of training masks drawn from procedural shapes rather than the annotations")
+    p.add_argument("--loss-at-frame", action="store_true",
+                   help="score the logits resampled to the masks' own frame (the benchmark's) instead of "
+                        "coverage at mask_size")
     p.set_defaults(func=_cmd_train_tokenizer)
 
     p = sub.add_parser("predict", help="answer a query about an image and write its mask")

@@ -105,6 +105,8 @@ class MaskSource:
     """Annotation masks of one or more COCO instance files plus procedural shapes, drawn by a caller's RNG."""
 
     def __init__(self, instance_files: list[Path], size: int, procedural_fraction: float = 0.4) -> None:
+        if not 0.0 <= procedural_fraction <= 1.0:
+            raise ValueError(f"procedural_fraction must be in [0, 1], got {procedural_fraction}")
         self.size = size
         self.procedural_fraction = procedural_fraction
         self.items = [(seg, h, w) for seg, h, w, _ in annotations(instance_files)]
@@ -138,12 +140,24 @@ def boundary_weights(target: torch.Tensor, strength: float = 4.0) -> torch.Tenso
     return 1.0 + strength * edge[:, 0].float()
 
 
-def tokenizer_loss(model: MaskTokenizer, masks: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+def tokenizer_loss(model: MaskTokenizer, masks: torch.Tensor, keep: torch.Tensor,
+                   at_frame: bool = False) -> dict[str, torch.Tensor]:
+    """Loss of one batch: ``masks (B, S, S)`` float in {0, 1}, ``keep (B,)`` prefix lengths.
+
+    ``at_frame``: compare in the masks' own ``S x S`` frame (logits resampled there, as the benchmark and the
+    segmentation metrics see them) instead of against area-downsampled coverage at ``mask_size``. Why: there the
+    loss scores exactly where the resampled decision boundary falls, which is what the round-trip IoU counts.
+    """
     out = model(masks, keep)
-    target = model._to_input(masks)
+    logits = out["logits"]
+    if at_frame and masks.shape[-2:] != logits.shape[-2:]:
+        logits = F.interpolate(logits[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        target = masks.float()
+    else:
+        target = model._to_input(masks)
     weights = boundary_weights(target)
-    bce = F.binary_cross_entropy_with_logits(out["logits"], target, weight=weights)
-    dice = dice_loss(out["logits"], target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weights)
+    dice = dice_loss(logits, target)
     return {"bce": bce, "dice": dice, "vq": out["vq_loss"], "loss": bce + dice + out["vq_loss"],
             "latents": out["latents"], "logits": out["logits"], "ids": out["ids"]}
 
@@ -202,7 +216,8 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
                     seed: int = 0, progress: bool = True, log_every: int = 50, save_every: int = 500,
                     device: str | None = None, num_workers: int = 0, init: str | Path | None = None,
                     train_part: str = "all", mixed_precision: str = "no", val_data: list[str | Path] | None = None,
-                    val_masks: int = 256, eval_every: int = 500) -> dict:
+                    val_masks: int = 256, eval_every: int = 500, procedural_fraction: float = 0.4,
+                    loss_at_frame: bool = False) -> dict:
     """Train (or resume) a mask tokenizer on the masks of ``data_dirs`` (folders holding ``*/instances.json``
     or ``instances.json`` files directly). Returns a summary with the final losses.
 
@@ -212,7 +227,9 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
     under ``init`` and a HiMTok model trained with that tokenizer can take the retrained decoder as it is.
     ``mixed_precision="bf16"``: encoder and decoder under bf16 autocast (weights and the code search stay fp32).
     ``val_data``: folders (or files) of held-out annotations; the first ``val_masks`` of them are round-tripped
-    every ``eval_every`` steps and at the end (history records with ``val_iou``, keyed by the kept token count)."""
+    every ``eval_every`` steps and at the end (history records with ``val_iou``, keyed by the kept token count).
+    ``procedural_fraction``: share of training masks drawn from the procedural shapes instead of the annotations.
+    ``loss_at_frame``: see :func:`tokenizer_loss`."""
     if mixed_precision not in ("no", "bf16"):
         raise ValueError(f"unknown mixed_precision {mixed_precision!r}; valid: no, bf16")
     if train_part not in TRAIN_PARTS:
@@ -249,7 +266,7 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
     for name, param in model.named_parameters():
         param.requires_grad_(not (frozen and name.startswith(CODE_PARTS)))
     model.to(device)
-    source = MaskSource(files, size=model.config.mask_size * 2)
+    source = MaskSource(files, size=model.config.mask_size * 2, procedural_fraction=procedural_fraction)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01,
                                   betas=(0.9, 0.99))
     step, elapsed_before, history = 0, 0.0, []
@@ -291,7 +308,7 @@ def train_tokenizer(data_dirs: list[str | Path], out_dir: str | Path, config: Ma
                 # a plain float: the optimizer state is saved and reloaded with torch.load(weights_only=True)
                 group["lr"] = float(lr_at(step, progress_fraction, lr, warmup_steps, min_ratio=0.1))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
-                losses = tokenizer_loss(model, masks, keep)
+                losses = tokenizer_loss(model, masks, keep, at_frame=loss_at_frame)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
