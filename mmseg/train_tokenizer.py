@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from mmseg.data.shapes import random_mask
 from mmseg.masks import decode_segmentation
 from mmseg.modeling.losses import dice_loss
-from mmseg.modeling.mask_tokenizer import MaskTokenizer, MaskTokenizerConfig
+from mmseg.modeling.mask_tokenizer import MaskTokenizer, MaskTokenizerConfig, mask_iou
 from mmseg.train import lr_at
 
 STATE_FILE = "tokenizer_train_state.pt"
@@ -81,13 +81,6 @@ def load_masks(data_dirs: list[str | Path], n: int, frame: int | None = None) ->
     if not masks:
         raise ValueError(f"no annotation masks in {[str(d) for d in data_dirs]}")
     return np.stack(masks), kinds
-
-
-def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """IoU of bool mask pairs ``(N, H, W)`` -> ``(N,)``; 1 where both are empty."""
-    inter = (pred & target).flatten(1).sum(1).float()
-    union = (pred | target).flatten(1).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 @torch.no_grad()

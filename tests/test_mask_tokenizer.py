@@ -192,6 +192,52 @@ def test_residual_pixel_decoder_and_config_overrides(tmp_path):
         TINY.with_overrides(["colour=3"])
 
 
+def test_pixel_scale_widens_only_the_painting_stages(tmp_path):
+    base, wide = MaskTokenizer(TINY), MaskTokenizer(TINY.with_overrides(["pixel_scale=2"]))
+    count = lambda m, prefix: sum(p.numel() for n, p in m.named_parameters() if n.startswith(prefix))  # noqa: E731
+    assert count(wide, "to_pixels.") > 2 * count(base, "to_pixels.")
+    assert count(wide, "decoder.") == count(base, "decoder.") and count(wide, "encoder.") == count(base, "encoder.")
+    wide.eval().save_pretrained(tmp_path)
+    again = MaskTokenizer.from_pretrained(tmp_path)
+    ids = wide.encode(_disc(32))
+    assert torch.equal(again.decode(ids, size=(40, 40)), wide.decode(ids, size=(40, 40)))
+    with pytest.raises(ValueError, match="pixel_scale"):
+        TINY.with_overrides(["pixel_scale=0"])
+
+
+def test_loss_at_frame_scores_the_resampled_logits():
+    """At the frame, the loss compares logits resampled to the masks' size with the masks themselves."""
+    import torch.nn.functional as F
+
+    from mmseg.modeling.losses import dice_loss
+    from mmseg.train_tokenizer import boundary_weights, tokenizer_loss
+
+    torch.manual_seed(0)
+    tok = MaskTokenizer(TINY).eval()
+    masks = torch.from_numpy(np.stack([_disc(64, 14), _disc(64, 8)])).float()
+    keep = torch.tensor([8, 3])
+    framed = tokenizer_loss(tok, masks, keep, at_frame=True)
+    native = tokenizer_loss(tok, masks, keep)
+    assert framed["logits"].shape == native["logits"].shape == (2, 32, 32)  # the tokenizer's own output
+    up = F.interpolate(framed["logits"][:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    expected = F.binary_cross_entropy_with_logits(up, masks, weight=boundary_weights(masks))
+    assert torch.allclose(framed["bce"], expected) and torch.allclose(framed["dice"], dice_loss(up, masks))
+    assert not torch.allclose(framed["bce"], native["bce"])
+
+
+def test_procedural_fraction_is_checked_and_honoured(synthref_root):
+    from mmseg.masks import decode_segmentation
+    from mmseg.train_tokenizer import MaskSource, instance_files, letterbox_mask
+
+    files = instance_files([synthref_root])
+    with pytest.raises(ValueError, match="procedural_fraction"):
+        MaskSource(files, 64, procedural_fraction=1.5)
+    annotated = MaskSource(files, 64, procedural_fraction=0.0)
+    rng = np.random.default_rng(0)
+    known = {letterbox_mask(decode_segmentation(seg, h, w), 64).tobytes() for seg, h, w in annotated.items}
+    assert all(annotated.draw(rng).tobytes() in known for _ in range(10))
+
+
 def test_decoder_retraining_keeps_every_code(synthref_root, tmp_path):
     from mmseg.train_tokenizer import init_tokenizer, train_tokenizer
 
@@ -231,3 +277,42 @@ def test_bf16_training_keeps_fp32_weights_and_code_search(synthref_root, tmp_pat
     assert out["ids"].shape == (1, TINY.num_tokens) and int(out["ids"].max()) < TINY.codebook_size
     with pytest.raises(ValueError, match="valid: no, bf16"):
         train_tokenizer([synthref_root], tmp_path / "x", TINY, steps=1, progress=False, mixed_precision="fp8")
+
+
+def test_refined_codes_decode_at_least_as_well_at_every_prefix_level(tmp_path):
+    """Decode-aware encoding on the committed tokenizer: on average at least as good as the nearest codes at every
+    power-of-two prefix and better at the full length; within a level a choice never lowers that level's IoU;
+    deterministic; the config's default when set there."""
+    import dataclasses
+    from pathlib import Path
+
+    from mmseg.data.shapes import random_mask
+    from mmseg.modeling.mask_tokenizer import mask_iou, prefix_level
+
+    assert [prefix_level(i, 32) for i in (0, 1, 2, 3, 4, 7, 8, 31)] == [1, 2, 4, 4, 8, 8, 16, 32]
+    assert prefix_level(5, 6) == 6
+    tok = MaskTokenizer.from_pretrained(Path(__file__).parents[1] / "checkpoints/synthref-himtok/mask_tokenizer")
+    rng = np.random.default_rng(1)
+    masks = torch.from_numpy(np.stack([random_mask(rng, 128) for _ in range(4)] + [_disc(128, 20)]))
+    nearest = tok.encode(masks)
+    assert torch.equal(tok.encode(masks, refine=1), nearest)  # one candidate: the nearest code itself
+    refined = tok.encode(masks, refine=3)
+    assert torch.equal(tok.encode(masks, refine=3), refined)
+    gains = []
+    for k in (1, 2, 4, 8, 16, 32):
+        before = mask_iou(tok.decode(nearest, keep=k, size=(128, 128)) > 0, masks)
+        after = mask_iou(tok.decode(refined, keep=k, size=(128, 128)) > 0, masks)
+        gains.append(float((after - before).mean()))
+    assert min(gains) >= 0 and gains[-1] > 0.005, gains
+    # Within the last level, each token's choice is the best of its candidates given the others: changing the
+    # final token back to its nearest code cannot decode better than the refined one.
+    undone = refined.clone()
+    undone[:, -1] = nearest[:, -1]
+    full = lambda ids: mask_iou(tok.decode(ids, size=(128, 128)) > 0, masks)  # noqa: E731
+    assert bool((full(refined) >= full(undone)).all())
+    tok.config = dataclasses.replace(tok.config, refine_candidates=3)
+    assert torch.equal(tok.encode(masks), refined)
+    tok.save_pretrained(tmp_path)
+    assert torch.equal(MaskTokenizer.from_pretrained(tmp_path).encode(masks[4]), refined[4])
+    with pytest.raises(ValueError, match="refine_candidates"):
+        TINY.with_overrides(["refine_candidates=-1"])
