@@ -316,3 +316,27 @@ def test_refined_codes_decode_at_least_as_well_at_every_prefix_level(tmp_path):
     assert torch.equal(MaskTokenizer.from_pretrained(tmp_path).encode(masks[4]), refined[4])
     with pytest.raises(ValueError, match="refine_candidates"):
         TINY.with_overrides(["refine_candidates=-1"])
+
+
+def test_tokenizer_benchmark_reports_nearest_and_refined_codes(synthref_root, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("tokenizer_benchmark", root / "benchmarks" / "tokenizer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["tokenizer.py", "--tokenizer", str(root / "checkpoints/synthref-himtok/mask_tokenizer"),
+                                      "--data", str(synthref_root), "--n", "6", "--refine", "0", "2",
+                                      "--json", str(tmp_path / "tok.json")])
+    bench.main()
+    out = json.loads((tmp_path / "tok.json").read_text())
+    refined = out["refine"]["2"]
+    assert out["n_masks"] == refined["n_masks"] == 6 and out["frame"] == 128
+    assert (out["refine_candidates"], refined["refine_candidates"]) == (0, 2)
+    assert list(out["round_trip"]) == list(refined["round_trip"]) == ["1", "2", "4", "8", "16", "32"]
+    assert refined["round_trip"]["32"]["iou"] > out["round_trip"]["32"]["iou"]
+    printed = capsys.readouterr().out
+    assert "codes: nearest" in printed and "codes: refined over 2" in printed
