@@ -340,3 +340,12 @@ def test_tokenizer_benchmark_reports_nearest_and_refined_codes(synthref_root, tm
     assert refined["round_trip"]["32"]["iou"] > out["round_trip"]["32"]["iou"]
     printed = capsys.readouterr().out
     assert "codes: nearest" in printed and "codes: refined over 2" in printed
+
+
+def test_the_next_tokenizer_loads_and_fits_the_himtok_codebook():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "checkpoints"
+    current = MaskTokenizer.from_pretrained(root / "synthref-himtok/mask_tokenizer")
+    nxt = MaskTokenizer.from_pretrained(root / "synthref-himt-tokenizer", expected=current.config)
+    assert nxt.config.refine_candidates == 0 and nxt.encode(_disc(128, 20)).shape == (32,)
