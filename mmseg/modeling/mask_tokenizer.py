@@ -96,6 +96,18 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def attention_bias(allowed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A bool "may attend" mask ``(L, L)`` or ``(B*heads, L, L)`` -> the additive float mask (0 / -inf) that
+    :class:`_Block` takes, built once per pass rather than once per layer.
+
+    Why float, not nn.MultiheadAttention's own bool mask ("may NOT attend", the opposite of ours): in inference its
+    fast path runs a bool mask through a masked softmax that took 43% of a batched decode on CPU; the float mask
+    costs about what no mask does."""
+    if allowed is None:
+        return None
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
 def prefix_level(position: int, num_tokens: int) -> int:
     """The shortest power-of-two prefix (capped at ``num_tokens``) that contains token ``position`` (0-based):
     0 -> 1, 1 -> 2, 2..3 -> 4, 4..7 -> 8, ..."""
@@ -200,7 +212,7 @@ class PixelDecoder(nn.Module):
 
 
 class _Block(nn.Module):
-    """Pre-norm transformer block with an explicit boolean attention mask (True = may attend)."""
+    """Pre-norm transformer block with an optional additive attention mask (see :func:`attention_bias`)."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -209,17 +221,13 @@ class _Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias``: an additive attention mask from :func:`attention_bias` (or None: everything attends)."""
         h = self.norm1(x)
-        # An additive float mask, not nn.MultiheadAttention's bool one ("may NOT attend", the opposite of ours): in
-        # inference its fast path runs a bool mask through a masked softmax that took 43% of a batched decode on
-        # CPU; the float mask costs about what no mask does.
-        blocked = None if allowed is None else torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(
-            ~allowed, float("-inf"))
         # Why MATH on CPU: at these sizes (~100 tokens, 32-dim heads) the CPU flash kernel's backward alone took 31%
         # of a training step; the plain matmul-softmax path makes a whole step ~20% faster.
         with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext():
-            x = x + self.attn(h, h, h, attn_mask=blocked, need_weights=False)[0]
+            x = x + self.attn(h, h, h, attn_mask=bias, need_weights=False)[0]
         return x + self.mlp(self.norm2(x))
 
 
@@ -325,8 +333,9 @@ class MaskTokenizer(nn.Module):
         b, n = x.shape[:2]
         start = self.latents + self.to_latents(feats)  # (B, K, w)
         h = torch.cat([x, start], dim=1)
+        bias = attention_bias(self.encoder_allowed, h.dtype)
         for block in self.encoder:
-            h = block(h, self.encoder_allowed)
+            h = block(h, bias)
         return self.to_code(self.encoder_norm(h[:, n:]))
 
     def decode_codes(self, codes: torch.Tensor, keep: int | torch.Tensor | None = None,
@@ -353,8 +362,9 @@ class MaskTokenizer(nn.Module):
                 cols = cols[:1]
             allowed = cols[:, None, :] & cols[:, :, None] | torch.eye(n + k, dtype=torch.bool, device=dev)
             allowed = allowed[0] if len(allowed) == 1 else allowed.repeat_interleave(self.config.heads, dim=0)
+        bias = attention_bias(allowed, h.dtype)
         for block in self.decoder:
-            h = block(h, allowed)
+            h = block(h, bias)
         logits = self.to_pixels(self.decoder_norm(h[:, :n]), self.config.grid)
         if size is not None and tuple(size) != tuple(logits.shape[-2:]):
             logits = F.interpolate(logits[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
