@@ -769,3 +769,35 @@ def test_the_shaper_keeps_the_patch_readout(tokenizer_dir):
     gen = _generate(shaper, proc, ["the red circle"], invoke="entropy")
     monkeypatch.undo()
     assert gen.tokens[0][K + 1] == shaper.head.mt_end_id and len(gen.masks[0]) == 1
+
+
+def test_patch_readout_reads_a_merged_image_prefix(tokenizer_dir, tmp_path):
+    """With ``image_merge`` 2 the LM prefix holds (gh/2)*(gw/2) image positions: the readout is built for that many,
+    trains, joins decoding, survives save/load, and a shaper built on the model carries it."""
+    from mmseg.modeling.heads.shaper import shaper_from_himtok
+
+    torch.manual_seed(2)
+    config = tiny_config("himtok", {"image_merge": 2}, tokenizer=str(tokenizer_dir), patch_readout=True)
+    model, proc = build_model(config, build_tokenizer(config, CORPUS, vocab_size=300))
+    gh, gw = model.vision.grid_size
+    assert model.prefix_grid == (gh // 2, gw // 2) and model.head.readout.patches == gh * gw // 4
+    _randomise_readout(model)
+    batch = _batch(proc, model.head, _square_mask())
+    model.train()
+    out = model(batch)
+    assert torch.isfinite(out["readout_ce"])
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.readout.parameters())
+    model.eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    proc.save_pretrained(tmp_path / "ckpt")
+    loaded, _ = load_pretrained(tmp_path / "ckpt")
+    for a, b in zip(loaded.head.readout.parameters(), model.head.readout.parameters()):
+        torch.testing.assert_close(a, b)
+    shaper = shaper_from_himtok(model, proc)
+    assert shaper.head.readout.patches == model.head.readout.patches
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(loaded.head, "constrain", _opening_constrain(loaded.head, proc.eos_token_id))
+    gen = _generate(loaded, proc, ["the red circle"])
+    monkeypatch.undo()
+    assert gen.tokens[0][K + 1] == loaded.head.mt_end_id and len(gen.masks[0]) == 1

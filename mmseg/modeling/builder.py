@@ -83,7 +83,8 @@ def build_model(config: ModelConfig, tokenizer, load_weights: bool = True, asset
     processor = Processor(tokenizer, vision.image_size, prefix_tokens, config.vision.mean, config.vision.std,
                           config.image_position)
     head = build_head(config.head, hidden_size=hidden, image_size=vision.image_size, grid_size=vision.grid_size,
-                      asset_dir=asset_dir)
+                      asset_dir=asset_dir,
+                      prefix_grid=(vision.grid_size[0] // config.image_merge, vision.grid_size[1] // config.image_merge))
     scale = None
     if config.projector_norm:  # the RMS of the LM's token embeddings, which image features should match
         scale = float(lm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())

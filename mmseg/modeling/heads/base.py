@@ -52,7 +52,12 @@ class ExtraInputs:
 
 
 class MaskHead(nn.Module):
-    """Base class of every mask head."""
+    """Base class of every mask head.
+
+    Built as ``Head(config, hidden_size=, image_size=, grid_size=, asset_dir=, prefix_grid=)``: the LM width, the
+    square input side, the vision tower's patch grid, a checkpoint folder holding the head's own files (None when
+    built from a preset), and the grid of image positions in the LM prefix (``grid_size`` divided by the model's
+    ``image_merge``)."""
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
@@ -179,8 +184,12 @@ def head_config(options: dict[str, Any]) -> tuple[type[MaskHead], Any]:
 
 
 def build_head(options: dict[str, Any], hidden_size: int, image_size: int, grid_size: tuple[int, int],
-               asset_dir: Path | None = None) -> MaskHead:
-    """Build the head ``options["name"]`` names, validating its options against the head's config class."""
+               asset_dir: Path | None = None, prefix_grid: tuple[int, int] | None = None) -> MaskHead:
+    """Build the head ``options["name"]`` names, validating its options against the head's config class.
+
+    ``grid_size``: the vision tower's patch grid; ``prefix_grid``: the grid of image positions in the LM prefix
+    (smaller than ``grid_size`` when patches are merged; default the same)."""
     cls, config = head_config(options)
     factory: Callable[..., MaskHead] = cls
-    return factory(config, hidden_size=hidden_size, image_size=image_size, grid_size=grid_size, asset_dir=asset_dir)
+    return factory(config, hidden_size=hidden_size, image_size=image_size, grid_size=grid_size, asset_dir=asset_dir,
+                   prefix_grid=prefix_grid or grid_size)

@@ -212,8 +212,7 @@ class PatchReadout(torch.nn.Module):
     def forward(self, image_hidden: torch.Tensor) -> torch.Tensor:
         b, p, _ = image_hidden.shape
         if p != self.patches:
-            raise ValueError(f"patch_readout was built for {self.patches} image positions, the prompt has {p} "
-                             "(the readout needs image_merge 1)")
+            raise ValueError(f"patch_readout was built for {self.patches} image positions, the prompt has {p}")
         x = self.down(self.norm(image_hidden)).flatten(1)  # (B, P * b)
         x = F.gelu(self.mix(x)).view(b, self.num_tokens, self.bottleneck)
         return self.up(x)  # (B, K, code_dim)
@@ -226,7 +225,7 @@ class HiMTokHead(MaskHead):
     option_names: tuple[str, ...] = ("keep_tokens",)  # per-call options; subclasses extend (check_options)
 
     def __init__(self, config: HiMTokConfig, hidden_size: int, image_size: int, grid_size: tuple[int, int],
-                 asset_dir: Path | None = None) -> None:
+                 asset_dir: Path | None = None, prefix_grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.config = config
         if asset_dir is not None:
@@ -260,7 +259,8 @@ class HiMTokHead(MaskHead):
         self.adapter = CodebookAdapter(hidden_size, found.code_dim) if config.codebook_adapter else None
         self.readout = None
         if config.patch_readout:
-            self.readout = PatchReadout(hidden_size, grid_size[0] * grid_size[1], found.num_tokens, found.code_dim,
+            gh, gw = prefix_grid or grid_size  # the readout reads the LM prefix's image positions (merged or not)
+            self.readout = PatchReadout(hidden_size, gh * gw, found.num_tokens, found.code_dim,
                                         config.readout_bottleneck)
 
     @property

@@ -140,7 +140,7 @@ class ShaperHead(HiMTokHead):
     option_names = ("keep_tokens", "invoke", "sample_seed")
 
     def __init__(self, config: ShaperConfig, hidden_size: int, image_size: int, grid_size: tuple[int, int],
-                 asset_dir: Path | None = None) -> None:
+                 asset_dir: Path | None = None, prefix_grid: tuple[int, int] | None = None) -> None:
         check_invoke_mode(config.invoke)
         for key in ("check_every", "max_invocations", "buffer_size", "short_queries", "long_queries", "num_controls",
                     "policy_hidden", "policy_window", "policy_batch", "policy_group"):
@@ -150,7 +150,8 @@ class ShaperHead(HiMTokHead):
             raise ValueError(f"shaper head: policy_time_share must be in [0, 1), got {config.policy_time_share}")
         if not config.think_prompt.strip():
             raise ValueError("shaper head: think_prompt is empty")
-        super().__init__(config, hidden_size=hidden_size, image_size=image_size, grid_size=grid_size, asset_dir=asset_dir)
+        super().__init__(config, hidden_size=hidden_size, image_size=image_size, grid_size=grid_size, asset_dir=asset_dir,
+                         prefix_grid=prefix_grid)
         self.condense_short = Condenser(hidden_size, config.short_queries, config.condenser_heads)
         self.condense_long = Condenser(hidden_size, config.long_queries, config.condenser_heads)
         self.translator = Translator(hidden_size)
@@ -353,7 +354,7 @@ def shaper_from_himtok(model: "MMSegModel", processor: Any, options: dict[str, A
     merged = {**model.head.options(), **dict(options or {}), "name": ShaperHead.name}
     hidden = model.lm.config.get_text_config().hidden_size
     head = build_head(merged, hidden_size=hidden, image_size=model.vision.image_size, grid_size=model.vision.grid_size,
-                      asset_dir=asset_dir)
+                      asset_dir=asset_dir, prefix_grid=model.prefix_grid)
     model.unhook()  # the new model re-adds the grounder's hook, the new head the adapter's (same weights, below)
     head.bind(processor, model.lm)
     for part in ("adapter", "readout"):  # the HiMTok head's own learned parts, when it has them

@@ -78,7 +78,7 @@ class StampHead(MaskHead):
     config_cls = StampConfig
 
     def __init__(self, config: StampConfig, hidden_size: int, image_size: int, grid_size: tuple[int, int],
-                 asset_dir: Path | None = None) -> None:
+                 asset_dir: Path | None = None, prefix_grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.config = config
         self.grid_size = grid_size
