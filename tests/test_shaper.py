@@ -31,9 +31,16 @@ def pair(tokenizer_dir):
     shaping round changes something."""
     himtok, proc = _model(tokenizer_dir, seed=2)
     shaper = shaper_from_himtok(himtok, proc).eval()
-    with torch.no_grad():
-        shaper.head.control.strengths.copy_(torch.tensor([1.0, -0.5, 2.0, 1.5]))
+    _wake(shaper)
     return himtok, shaper, proc
+
+
+def _wake(shaper, strengths: tuple[float, ...] = (1.0, -0.5, 2.0, 1.5)) -> None:
+    """Give an untrained shaper (zero last control layer) a non-zero shift, as training would."""
+    torch.manual_seed(11)
+    with torch.no_grad():
+        shaper.head.control.mlp[-1].reset_parameters()
+        shaper.head.control.strengths.copy_(torch.tensor(strengths))
 
 
 @pytest.fixture()
@@ -71,7 +78,7 @@ def test_never_gives_exactly_the_himtok_outputs(forced):
 
 
 def test_an_untrained_shaper_changes_nothing_even_when_invoked(tokenizer_dir, monkeypatch):
-    """Control strengths start at zero: training starts exactly from HiMTok's behaviour."""
+    """The control MLP's last layer starts at zero: training starts exactly from HiMTok's behaviour."""
     himtok, proc = _model(tokenizer_dir, seed=2)
     shaper = shaper_from_himtok(himtok, proc).eval()
     for model in (himtok, shaper):
@@ -144,8 +151,8 @@ def test_the_invocation_cap_holds(tokenizer_dir, monkeypatch, mode):
     shaper = shaper_from_himtok(himtok, proc, {"check_every": 1, "max_invocations": 3, "entropy_low": 0.0,
                                                "entropy_high": 1e-6, "entropy_max_rounds": 2}).eval()
     monkeypatch.setattr(shaper.head, "constrain", _opening_constrain(shaper.head, proc.eos_token_id))
+    _wake(shaper, (0.5, 0.5, 0.5, 0.5))
     with torch.no_grad():
-        shaper.head.control.strengths.fill_(0.5)
         shaper.head.policy.mlp[-1].bias.fill_(10.0)  # the learned policy always says invoke
     gen = _generate(shaper, proc, QUERIES, invoke=mode)
     for row in range(2):
@@ -333,8 +340,32 @@ def test_stage_one_objective_matches_inference_and_trains_only_the_shaper(forced
     finally:
         shaper.zero_grad()
         shaper.requires_grad_(True)
-        with torch.no_grad():
-            shaper.head.control.strengths.copy_(torch.tensor([1.0, -0.5, 2.0, 1.5]))
+        _wake(shaper)
+
+
+def test_an_untrained_shaper_leaves_its_zero_start_on_the_first_step(tokenizer_dir, monkeypatch):
+    """The zero sits in the control MLP's LAST layer, behind live features: its first gradient is already non-zero
+    (with zero strengths in front of random vectors instead, every part's gradient is a product with a zero or with
+    noise, and stage 1 never left the start)."""
+    from mmseg.train_shaper import ShapingObjective, freeze_for
+
+    himtok, proc = _model(tokenizer_dir, seed=2)
+    shaper = shaper_from_himtok(himtok, proc).eval()
+    control = shaper.head.control
+    assert control.mlp[-1].weight.abs().sum() == 0 and torch.equal(control.strengths, torch.ones_like(control.strengths))
+    monkeypatch.setattr(himtok.head, "constrain", _opening_constrain(himtok.head, proc.eos_token_id))
+    gen = _generate(himtok, proc, [QUERIES[1]])
+    prompt = proc.encode_chat([{"role": "user", "content": QUERIES[1]}])[0]
+    answer = gen.tokens[0] + [proc.eos_token_id]
+    ids = torch.tensor([prompt + answer])
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 10:40, 20:50] = 1
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 64, 64),
+             "labels": torch.tensor([[-100] * len(prompt) + answer]), "mask_targets": mask,
+             "seg_positions": torch.tensor([len(prompt)])}
+    freeze_for(shaper, 1)
+    ShapingObjective(shaper)(batch, torch.tensor([3]))["loss"].backward()
+    assert control.mlp[-1].weight.grad.abs().sum() > 0 and control.mlp[-1].bias.grad.abs().sum() > 0
 
 
 def test_steer_start_shapes_at_mt_start_in_decoding_and_training_alike(forced, monkeypatch):
@@ -418,7 +449,7 @@ def test_both_stages_run_through_mmseg_train_and_resume(synthref_root, tokenizer
     seg = Segmenter.from_pretrained(out, device="cpu")
     head = seg.model.head
     assert isinstance(head, ShaperHead) and head.options()["init_from"] == str(ckpt)
-    assert head.control.strengths.abs().sum() > 0  # stage 1 moved the shaper off zero
+    assert head.control.mlp[-1].weight.abs().sum() > 0  # stage 1 moved the shaper off zero
     assert any(not torch.equal(a, b) for a, b in zip(head.policy.parameters(), first.policy.parameters()))
     himtok = Segmenter.from_pretrained(ckpt, device="cpu").model
     for name, p in himtok.lm.state_dict().items():  # the backbone stayed frozen
