@@ -535,8 +535,8 @@ def test_latency_benchmark_puts_himtok_beside_stamp(tmp_path, monkeypatch, capsy
     assert result["mask_tokens"] == 32 and result["codes_match"] and result["mask_ms_kv_cache"] > 0
 
 
-def test_steerability_benchmark_measures_shifts_at_text_and_code_inputs(himtok, synthref_root, tmp_path, monkeypatch,
-                                                                      capsys):
+def test_steerability_benchmark_measures_shifts_at_text_and_code_inputs(himtok, tokenizer_dir, synthref_root, tmp_path,
+                                                                      monkeypatch, capsys):
     import importlib.util
     import sys
 
@@ -554,11 +554,25 @@ def test_steerability_benchmark_measures_shifts_at_text_and_code_inputs(himtok, 
                          "--scales", "0", "2", "--json", str(out)])
     assert json.loads(out.read_text()) == result and len(result["rows"]) == 2 * len(bench.SITES)
     for row in result["rows"]:
-        assert row["kl"] >= -1e-6 and 0 <= row["argmax_changed"] <= 1
+        assert row["kl"] >= -1e-6 and row["kl_lm"] >= -1e-6 and 0 <= row["argmax_changed"] <= 1
         if row["scale"] == 0:  # no shift, no change
             assert abs(row["kl"]) < 1e-4 and row["argmax_changed"] == 0
     assert any(row["kl"] > 0 for row in result["rows"])
-    assert "KL per code" in capsys.readouterr().out
+    parts = {r["part"]: r for r in result["logit_parts"]}
+    assert set(parts) == {"lm", "readout", "lm + readout"}
+    assert parts["readout"]["centred_std"] == 0  # this model has no readout: decoding reads the LM alone
+    assert parts["lm"]["ce"] == parts["lm + readout"]["ce"] > 0 and 0 <= parts["lm"]["accuracy"] <= 1
+    out_text = capsys.readouterr().out
+    assert "KL per code" in out_text and "centred std" in out_text
+    # with a patch readout, decoding's logits are the LM's plus the readout's, and both parts are reported
+    read, read_proc = _model(tokenizer_dir, seed=4, patch_readout=True)
+    _randomise_readout(read)
+    Segmenter(read, read_proc).save_pretrained(tmp_path / "readout")
+    result = bench.main(["--model", str(tmp_path / "readout"), "--data", str(synthref_root), "--samples", "3",
+                         "--scales", "2", "--json", str(out)])
+    parts = {r["part"]: r for r in result["logit_parts"]}
+    assert parts["readout"]["centred_std"] > 0 and parts["lm"]["ce"] != parts["lm + readout"]["ce"]
+    assert any(row["kl"] != row["kl_lm"] for row in result["rows"])
 
     stamp, stamp_proc = tiny_model(seed=3)
     Segmenter(stamp, stamp_proc).save_pretrained(tmp_path / "stamp")
