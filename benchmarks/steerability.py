@@ -69,12 +69,15 @@ def _kl(base: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
 
 def logit_parts(lm: torch.Tensor, readout: torch.Tensor, targets: torch.Tensor) -> list[dict]:
     """What each part of the code logits carries: for the LM's part, the readout's and their sum, the cross-entropy
-    and accuracy on ``targets (B, K)`` (code indices) and the std of the logits centred per position."""
+    and accuracy on ``targets (B, K)`` (code indices, -100 where none) and the std of the logits centred per
+    position."""
     rows = []
+    known = targets >= 0
     for name, logits in (("lm", lm), ("readout", readout), ("lm + readout", lm + readout)):
         centred = logits - logits.mean(-1, keepdim=True)
-        rows.append({"part": name, "ce": round(float(F.cross_entropy(logits.flatten(0, 1), targets.flatten())), 4),
-                     "accuracy": round(float((logits.argmax(-1) == targets).float().mean()), 4),
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        rows.append({"part": name, "ce": round(float(ce), 4),
+                     "accuracy": round(float((logits.argmax(-1) == targets)[known].float().mean()), 4),
                      "centred_std": round(float(centred.std()), 4)})
     return rows
 
@@ -109,10 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
     base_lm, base_readout = code_logits(model, batch)
     base = base_lm + base_readout
     head = model.head
-    lookup = torch.full((int(head.code_token_ids.max()) + 1,), -1, dtype=torch.long)
+    # targets from the labels, not the inputs: with code_input_noise the collator swaps the input codes
+    lookup = torch.full((model.lm.get_output_embeddings().weight.shape[0],), -100, dtype=torch.long)
     lookup[head.code_token_ids] = torch.arange(head.codebook_size)
-    labels = batch["input_ids"][torch.arange(len(examples))[:, None], start[:, None] + 1 + torch.arange(head.num_tokens)]
-    parts = logit_parts(base_lm, base_readout, lookup[labels])
+    labels = batch["labels"][torch.arange(len(examples))[:, None], start[:, None] + 1 + torch.arange(head.num_tokens)]
+    parts = logit_parts(base_lm, base_readout, lookup[labels.clamp(min=0)].masked_fill(labels < 0, -100))
     norm = float(model.lm.get_input_embeddings().weight.detach().norm(dim=-1).mean())
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
