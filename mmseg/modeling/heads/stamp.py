@@ -81,7 +81,7 @@ class StampHead(MaskHead):
                  asset_dir: Path | None = None, prefix_grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.config = config
-        self.grid_size = grid_size
+        self.grid_size = grid_size  # one query per vision patch, however the prefix is merged (prefix_grid unused)
         s, c = config.upsample, config.refine_channels
         self.mask_embedding = nn.Parameter(torch.randn(hidden_size) * 0.02)
         self.coarse = nn.Linear(hidden_size, 1)  # STAMP's own per-query logit
