@@ -113,10 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     base = base_lm + base_readout
     head = model.head
     # targets from the labels, not the inputs: with code_input_noise the collator swaps the input codes
-    lookup = torch.full((model.lm.get_output_embeddings().weight.shape[0],), -100, dtype=torch.long)
-    lookup[head.code_token_ids] = torch.arange(head.codebook_size)
     labels = batch["labels"][torch.arange(len(examples))[:, None], start[:, None] + 1 + torch.arange(head.num_tokens)]
-    parts = logit_parts(base_lm, base_readout, lookup[labels.clamp(min=0)].masked_fill(labels < 0, -100))
+    parts = logit_parts(base_lm, base_readout, head.code_targets(labels))
     norm = float(model.lm.get_input_embeddings().weight.detach().norm(dim=-1).mean())
     generator = torch.Generator().manual_seed(args.seed)
     rows = []

@@ -154,9 +154,7 @@ class ShapingObjective(nn.Module):
         readout = head.readout_logits(ids[rows], hidden[rows])  # (N, K, V) from the prompt; None without a readout
         if readout is not None:
             code_logits = code_logits + readout
-        lookup = torch.full((output.weight.shape[0],), -100, dtype=torch.long, device=ids.device)
-        lookup[head.code_token_ids] = torch.arange(head.codebook_size, device=ids.device)
-        target_codes = lookup[labels[rows[:, None], code_pos + 1]]  # (N, K) code indices
+        target_codes = head.code_targets(labels[rows[:, None], code_pos + 1])  # (N, K) code indices
         after = torch.arange(k, device=ids.device)[None] > i[:, None]  # codes i+1 .. K-1 follow the injection
         targets = torch.where(after, target_codes, torch.full_like(target_codes, -100))
         ce = F.cross_entropy(code_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)

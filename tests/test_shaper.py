@@ -353,16 +353,9 @@ def test_an_untrained_shaper_leaves_its_zero_start_on_the_first_step(tokenizer_d
     shaper = shaper_from_himtok(himtok, proc).eval()
     control = shaper.head.control
     assert control.mlp[-1].weight.abs().sum() == 0 and torch.equal(control.strengths, torch.ones_like(control.strengths))
-    monkeypatch.setattr(himtok.head, "constrain", _opening_constrain(himtok.head, proc.eos_token_id))
-    gen = _generate(himtok, proc, [QUERIES[1]])
-    prompt = proc.encode_chat([{"role": "user", "content": QUERIES[1]}])[0]
-    answer = gen.tokens[0] + [proc.eos_token_id]
-    ids = torch.tensor([prompt + answer])
-    mask = torch.zeros(1, 64, 64)
-    mask[:, 10:40, 20:50] = 1
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 64, 64),
-             "labels": torch.tensor([[-100] * len(prompt) + answer]), "mask_targets": mask,
-             "seg_positions": torch.tensor([len(prompt)])}
+    monkeypatch.setattr(shaper.head, "constrain", _opening_constrain(shaper.head, proc.eos_token_id))
+    _, _, batch = _shaped_rollout(shaper, proc, QUERIES[1], monkeypatch)
+    batch["mask_targets"][:, 10:40, 20:50] = 1
     freeze_for(shaper, 1)
     ShapingObjective(shaper)(batch, torch.tensor([3]))["loss"].backward()
     assert control.mlp[-1].weight.grad.abs().sum() > 0 and control.mlp[-1].bias.grad.abs().sum() > 0

@@ -345,6 +345,12 @@ class HiMTokHead(MaskHead):
         self.mask_tokenizer.save_pretrained(Path(folder) / TOKENIZER_DIR)
 
     # -- decoding codes into masks ----------------------------------------------------------------------
+    def code_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Vocabulary ids ``labels (...)`` -> code indices ``(...)``, -100 (cross-entropy's ignore index) wherever the
+        label is ignored (< 0) or not a code token."""
+        index = self.code_index[labels.clamp(min=0)]
+        return torch.where((labels >= 0) & (index >= 0), index, -100)
+
     def readout_logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
         """``ids (B, T)`` holding the image positions and their last hidden states ``(B, T, D)`` -> the patch
         readout's terms for the K code positions' logits ``(B, K, V)`` float; None without a readout."""
@@ -499,7 +505,7 @@ class HiMTokHead(MaskHead):
             # logits, this CE the sum that decoding will use.
             code_logits = code_logits.float() + self.readout_logits(batch["input_ids"][rows], text_hidden[rows])
             labels = batch["labels"][rows[:, None], positions + 1]
-            targets = torch.where(labels >= 0, self.code_index[labels.clamp(min=0)], -100)
+            targets = self.code_targets(labels)
             out["readout_ce"] = F.cross_entropy(code_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         if self.config.mask_loss_samples is not None and rows.numel() > self.config.mask_loss_samples:
             pick = random_subset(rows.numel(), self.config.mask_loss_samples, rows.device)
