@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import numbers
 import random
 import re
@@ -110,6 +111,16 @@ class HiMTokConfig:
     # decoded in the mask loss (``mask_loss_samples`` None instead of 8) 0.190; the codebook adapter instead: 0.077.
     patch_readout: bool = False
     readout_bottleneck: int = 16
+    # Add the frozen tokenizer's OWN reading of a predicted mask to the code logits (see MaskReadout): the image
+    # positions' last hidden states predict a coarse mask of the referent (``mask_readout_upsample`` pixels per
+    # position and side, trained densely against the target with BCE + Dice, weight ``mask_readout_weight``); the
+    # tokenizer's encoder turns it into one latent per code position, and code position i's logit for code j gains
+    # ``scale * cos(z_i, c_j)`` (``scale`` learned, starting at ``mask_readout_scale``).
+    mask_readout: bool = False
+    mask_readout_upsample: int = 4
+    mask_readout_weight: float = 1.0
+    # Small at the start: an untrained coarse mask is uniform grey, whose codes are the same for every request.
+    mask_readout_scale: float = 1.0
 
 
 def random_subset(n: int, cap: int | None, device: torch.device | str | None = None) -> torch.Tensor:
@@ -218,6 +229,49 @@ class PatchReadout(torch.nn.Module):
         return self.up(x)  # (B, K, code_dim)
 
 
+class MaskReadout(torch.nn.Module):
+    """Image positions' last hidden states ``(B, gh * gw, D)`` (row-major) -> a coarse mask of the referent,
+    ``(B, gh * s, gw * s)`` logits (``s`` = ``upsample``): ``LayerNorm -> Linear(D, s * s)`` per position, each
+    position painting its own ``s x s`` block. The head passes the mask through the frozen tokenizer's encoder and
+    adds ``scale * cos(z_i, c_j)`` to code position ``i``'s logit of code ``j``.
+
+    Why: nearest-code encoding IS ``argmax_j cos(z_i, c_j)``, so once the coarse mask is right, these terms alone
+    name the codes the tokenizer would give the true mask, and the LM (and the patch readout) only correct them.
+    The hard part of HiMTok for a small LM is turning "which patches are the referent" into 32 global codes; the
+    tokenizer's encoder already knows that map, and a per-patch mask is what the image positions learn fastest
+    (STAMP's dense per-patch loss bound the request to the image within 1,000 steps, see ``grounding.py``). The mask
+    stays a means: decoding still reads codes and the tokenizer's decoder draws the mask, ``keep_tokens`` included.
+    """
+
+    LOG_SCALE_GAIN = 10.0
+
+    def __init__(self, hidden_size: int, grid: tuple[int, int], upsample: int, scale: float) -> None:
+        super().__init__()
+        if upsample < 1:
+            raise ValueError(f"mask_readout_upsample must be >= 1, got {upsample}")
+        if scale <= 0:
+            raise ValueError(f"mask_readout_scale must be > 0, got {scale}")
+        self.grid, self.upsample = tuple(grid), upsample
+        self.norm = torch.nn.LayerNorm(hidden_size)
+        self.paint = torch.nn.Linear(hidden_size, upsample * upsample)
+        # scale = exp(LOG_SCALE_GAIN * u): Adam moves u by about the learning rate per step, so the gain lets the
+        # scale travel 1 -> 30 in a few hundred steps (as exp(u) alone it would take thousands), either way.
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(scale) / self.LOG_SCALE_GAIN))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The learned scale of the cosine terms, a 0-dim tensor."""
+        return torch.exp(self.LOG_SCALE_GAIN * self.log_scale)
+
+    def forward(self, image_hidden: torch.Tensor) -> torch.Tensor:
+        b, p, _ = image_hidden.shape
+        (gh, gw), s = self.grid, self.upsample
+        if p != gh * gw:
+            raise ValueError(f"mask_readout was built for {gh * gw} image positions, the prompt has {p}")
+        blocks = self.paint(self.norm(image_hidden)).float().view(b, gh, gw, s, s)
+        return blocks.permute(0, 1, 3, 2, 4).reshape(b, gh * s, gw * s)
+
+
 @register_head
 class HiMTokHead(MaskHead):
     name = "himtok"
@@ -258,10 +312,19 @@ class HiMTokHead(MaskHead):
         self._host_tokenizer: list[MaskTokenizer] | None = None  # see host_targets
         self.adapter = CodebookAdapter(hidden_size, found.code_dim) if config.codebook_adapter else None
         self.readout = None
+        gh, gw = prefix_grid or grid_size  # the readouts read the LM prefix's image positions (merged or not)
         if config.patch_readout:
-            gh, gw = prefix_grid or grid_size  # the readout reads the LM prefix's image positions (merged or not)
             self.readout = PatchReadout(hidden_size, gh * gw, found.num_tokens, found.code_dim,
                                         config.readout_bottleneck)
+        self.mask_readout = None
+        if config.mask_readout:
+            self.mask_readout = MaskReadout(hidden_size, (gh, gw), config.mask_readout_upsample,
+                                            config.mask_readout_scale)
+
+    @property
+    def has_readout(self) -> bool:
+        """Whether the code logits decoding reads include terms read from the prompt (see :meth:`readout_logits`)."""
+        return self.readout is not None or self.mask_readout is not None
 
     @property
     def mask_tokenizer(self) -> MaskTokenizer:
@@ -352,13 +415,27 @@ class HiMTokHead(MaskHead):
         return torch.where((labels >= 0) & (index >= 0), index, -100)
 
     def readout_logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
-        """``ids (B, T)`` holding the image positions and their last hidden states ``(B, T, D)`` -> the patch
-        readout's terms for the K code positions' logits ``(B, K, V)`` float; None without a readout."""
-        if self.readout is None:
-            return None
-        image = ids == self.image_token_id
-        return self.readout(hidden[image].view(ids.shape[0], -1, hidden.shape[-1])).float() @ self._codebook(
-            torch.float32).t()
+        """``ids (B, T)`` holding the image positions and their last hidden states ``(B, T, D)`` -> the readouts'
+        terms for the K code positions' logits ``(B, K, V)`` float (patch readout + mask readout, whichever the
+        head has); None without a readout."""
+        return self._readouts(ids, hidden)[0]
+
+    def _readouts(self, ids: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(terms (B, K, V) or None, the mask readout's coarse mask logits (B, h, w) or None)``."""
+        if not self.has_readout:
+            return None, None
+        image = hidden[ids == self.image_token_id].view(ids.shape[0], -1, hidden.shape[-1])
+        codebook = self._codebook(torch.float32)
+        terms, coarse = 0.0, None
+        if self.readout is not None:
+            terms = self.readout(image).float() @ codebook.t()
+        if self.mask_readout is not None:
+            coarse = self.mask_readout(image)  # (B, h, w)
+            # Through the frozen encoder (no parameter of it trains; the gradient reaches the coarse mask).
+            latents = self.mask_tokenizer.encode_latents(torch.sigmoid(coarse)).float()  # (B, K, code_dim)
+            cosine = F.normalize(latents, dim=-1) @ codebook.t()
+            terms = terms + self.mask_readout.scale * cosine
+        return terms, coarse
 
     def session_readout(self, session: "DecodeSession", rows: torch.Tensor, steps: list[int]) -> torch.Tensor:
         """The readout's terms ``(n, V)`` for the next code of ``rows (n,)``, code index ``steps[i]`` each (clamped
@@ -494,19 +571,27 @@ class HiMTokHead(MaskHead):
             out = {"mask_bce": zero, "mask_dice": zero}
             if self.config.num_prefixes > 0:
                 out["mask_prefix"] = zero
-            if self.readout is not None:
-                out["readout_ce"] = zero + 0.0 * sum(p.sum() for p in self.readout.parameters())
+            parts = [part for part in (self.readout, self.mask_readout) if part is not None]
+            if parts:  # every parameter in the graph, so that distributed training stays in step
+                out["readout_ce"] = zero + 0.0 * sum(p.sum() for part in parts for p in part.parameters())
+            if self.mask_readout is not None:
+                out["readout_mask"] = zero
             return out
         positions = start[rows, None] + torch.arange(k, device=start.device)  # logits here predict the K codes
         code_logits = text_logits[rows[:, None], positions].index_select(-1, self.code_token_ids)  # (N, K, V)
         out = {}
-        if self.readout is not None:
-            # The readout's terms join the code logits everywhere they are read; the text CE trains the LM's own
+        if self.has_readout:
+            # The readouts' terms join the code logits everywhere they are read; the text CE trains the LM's own
             # logits, this CE the sum that decoding will use.
-            code_logits = code_logits.float() + self.readout_logits(batch["input_ids"][rows], text_hidden[rows])
+            terms, coarse = self._readouts(batch["input_ids"][rows], text_hidden[rows])
+            code_logits = code_logits.float() + terms
             labels = batch["labels"][rows[:, None], positions + 1]
             targets = self.code_targets(labels)
             out["readout_ce"] = F.cross_entropy(code_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+            if coarse is not None:
+                target = downsample_targets(batch["mask_targets"][rows], tuple(coarse.shape[-2:]))
+                out["readout_mask"] = self.config.mask_readout_weight * (bce_loss(coarse, target)
+                                                                         + dice_loss(coarse, target))
         if self.config.mask_loss_samples is not None and rows.numel() > self.config.mask_loss_samples:
             pick = random_subset(rows.numel(), self.config.mask_loss_samples, rows.device)
             rows, code_logits = rows[pick], code_logits[pick]
@@ -567,7 +652,7 @@ class HiMTokHead(MaskHead):
         if inside:
             rows = torch.tensor(inside, device=logits.device)
             code_logits = logits[rows[:, None], codes]  # (n, V)
-            if self.readout is not None:
+            if self.has_readout:
                 code_logits = code_logits + self.session_readout(session, rows, [spans[r] for r in inside]).to(
                     code_logits.dtype)
             out[rows] = lowest

@@ -304,7 +304,7 @@ class ShaperHead(HiMTokHead):
             return [min(1, n) for n in left]
         index = torch.tensor(candidates, device=hidden.device)
         code_logits = session.model.lm.get_output_embeddings()(hidden[index, -1]).index_select(-1, self.code_token_ids)
-        if self.readout is not None:  # the logits decoding will read (see HiMTokHead.constrain)
+        if self.has_readout:  # the logits decoding will read (see HiMTokHead.constrain)
             steps = [self._open_span(session.tokens[r]) for r in candidates]
             code_logits = code_logits.float() + self.session_readout(session, index, steps)
         entropy = normalised_entropy(code_logits)  # of the NEXT mask token's distribution
@@ -357,7 +357,7 @@ def shaper_from_himtok(model: "MMSegModel", processor: Any, options: dict[str, A
                       asset_dir=asset_dir, prefix_grid=model.prefix_grid)
     model.unhook()  # the new model re-adds the grounder's hook, the new head the adapter's (same weights, below)
     head.bind(processor, model.lm)
-    for part in ("adapter", "readout"):  # the HiMTok head's own learned parts, when it has them
+    for part in ("adapter", "readout", "mask_readout"):  # the HiMTok head's own learned parts, when it has them
         if getattr(model.head, part) is not None:
             getattr(head, part).load_state_dict(getattr(model.head, part).state_dict())
     config = dataclasses.replace(model.config, head=merged)
