@@ -144,7 +144,7 @@ class ShapingObjective(nn.Module):
         p, image = head.prompt_summary(ids[rows], hidden[rows], prompt_mask)
         memory = torch.cat([image, span], dim=1)
         memory_valid = torch.cat([torch.ones(image.shape[:2], dtype=torch.bool, device=ids.device), span_valid], dim=1)
-        shift = head.shift(model, recent, recent_valid, memory, memory_valid, p)  # (N, D), the only grad path
+        shift, steer = head.shift(model, recent, recent_valid, memory, memory_valid, p, i)  # the only grad paths
         shaped = embeds.clone()
         shaped[rows, pos] = shaped[rows, pos] + shift.to(shaped.dtype)
         shaped_hidden = model.text_hidden(shaped, ids, attention)
@@ -154,6 +154,7 @@ class ShapingObjective(nn.Module):
         readout = head.readout_logits(ids[rows], hidden[rows])  # (N, K, V) from the prompt; None without a readout
         if readout is not None:
             code_logits = code_logits + readout
+        code_logits = code_logits + steer  # (zero without steer_codes) the shaped rows' later codes only
         target_codes = head.code_targets(labels[rows[:, None], code_pos + 1])  # (N, K) code indices
         after = torch.arange(k, device=ids.device)[None] > i[:, None]  # codes i+1 .. K-1 follow the injection
         targets = torch.where(after, target_codes, torch.full_like(target_codes, -100))

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from mmseg.generation import generate
@@ -618,10 +619,11 @@ def test_codebook_adapter_starts_silent_then_adds_the_code_geometry(himtok, toke
         torch.testing.assert_close(embedding(ids)[0, 0], embedding.weight[ids[0, 0]] + head.adapter.embed(codebook[5]))
 
 
-@pytest.mark.parametrize("part", ["codebook_adapter", "patch_readout"])
+@pytest.mark.parametrize("part", ["codebook_adapter", "patch_readout", "mask_readout"])
 def test_learned_code_parts_round_trip(tokenizer_dir, tmp_path, part):
     model, proc = _model(tokenizer_dir, seed=1, **{part: True})
-    (_randomise_adapter if part == "codebook_adapter" else _randomise_readout)(model)
+    {"codebook_adapter": _randomise_adapter, "patch_readout": _randomise_readout,
+     "mask_readout": _randomise_mask_readout}[part](model)
     batch = _batch(proc, model.head, _square_mask())
     Segmenter(model, proc).save_pretrained(tmp_path)
     loaded, _ = load_pretrained(tmp_path)
@@ -815,3 +817,88 @@ def test_patch_readout_reads_a_merged_image_prefix(tokenizer_dir, tmp_path):
     gen = _generate(loaded, proc, ["the red circle"])
     monkeypatch.undo()
     assert gen.tokens[0][K + 1] == loaded.head.mt_end_id and len(gen.masks[0]) == 1
+
+
+# -- the mask readout ------------------------------------------------------------------------------------------
+def _randomise_mask_readout(model) -> None:
+    with torch.no_grad():
+        model.head.mask_readout.paint.weight.normal_(0, 0.5)
+        model.head.mask_readout.log_scale.fill_(0.2)  # scale e^2
+
+
+def test_mask_readout_reads_the_coarse_mask_through_the_frozen_encoder(tokenizer_dir):
+    """The terms are scale * cos(encoder latents of the coarse mask, codebook): exactly the scores whose argmax is
+    the tokenizer's own nearest-code encoding of that mask."""
+    model, proc = _model(tokenizer_dir, seed=6, mask_readout=True)
+    _randomise_mask_readout(model)
+    head = model.head
+    gh, gw = model.prefix_grid
+    prompt = torch.tensor([proc.encode_chat([{"role": "user", "content": "the red circle"}])[0]] * 2)
+    hidden = torch.randn(2, prompt.shape[1], model.lm.config.hidden_size)
+    with torch.no_grad():
+        terms, coarse = head._readouts(prompt, hidden)
+        assert coarse.shape == (2, gh * 4, gw * 4) and terms.shape == (2, K, CODES)
+        tokenizer = head.mask_tokenizer
+        expected = head.mask_readout.scale * (F.normalize(tokenizer.encode_latents(coarse.sigmoid()), dim=-1)
+                                              @ tokenizer.quantizer.normalized_codebook().t())
+        torch.testing.assert_close(terms, expected)
+        torch.testing.assert_close(head.readout_logits(prompt, hidden), terms)
+        # its best codes are the quantizer's nearest codes for that coarse mask
+        _, nearest, _ = tokenizer.quantizer(tokenizer.encode_latents(coarse.sigmoid()))
+    assert torch.equal(terms.argmax(-1), nearest)
+
+
+def test_mask_readout_trains_densely_and_leaves_the_tokenizer_frozen(tokenizer_dir):
+    model, proc = _model(tokenizer_dir, seed=7, mask_readout=True)
+    _randomise_mask_readout(model)
+    batch = _batch(proc, model.head, _square_mask())
+    model.train()
+    out = model(batch)
+    assert torch.isfinite(out["readout_ce"]) and float(out["readout_mask"].detach()) > 0
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.mask_readout.parameters())
+    assert all(p.grad is None for p in model.head.mask_tokenizer.parameters())
+    # no mask in the batch: the terms are still in the graph (distributed training keeps every parameter used)
+    model.zero_grad()
+    none = _batch(proc, model.head, _square_mask())
+    none["seg_positions"].fill_(-1)
+    out = model(none)
+    assert float(out["readout_mask"].detach()) == 0 and float(out["readout_ce"].detach()) == 0
+    out["loss"].backward()
+
+
+def test_mask_readout_joins_decoding_and_the_shaper(tokenizer_dir):
+    from mmseg.modeling.heads.shaper import shaper_from_himtok
+
+    model, proc = _model(tokenizer_dir, seed=8, mask_readout=True)
+    _randomise_mask_readout(model)
+    head = model.head
+    codes = head.code_token_ids.tolist()
+    prompt = torch.tensor([proc.encode_chat([{"role": "user", "content": "the red circle"}])[0]])
+    hidden = torch.randn(1, prompt.shape[1], model.lm.config.hidden_size)
+    session = SimpleNamespace(tokens=[[head.mt_start_id, *codes[:3]]], batch_size=1, device=torch.device("cpu"),
+                              state={}, prompt_ids=prompt, prompt_hidden=hidden)
+    logits = torch.randn(1, max(codes) + 1)
+    with torch.no_grad():
+        out = head.constrain(session, logits)
+        terms = head.readout_logits(prompt, hidden)
+    torch.testing.assert_close(out[0, head.code_token_ids], logits[0, head.code_token_ids] + terms[0, 3])
+    batch = _batch(proc, head, _square_mask())
+    with torch.no_grad():
+        torch.manual_seed(0)
+        before = model(batch)["readout_ce"]
+        shaper = shaper_from_himtok(model, proc).eval()
+        torch.manual_seed(0)
+        torch.testing.assert_close(shaper(batch)["readout_ce"], before)
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(shaper.head, "constrain", _opening_constrain(shaper.head, proc.eos_token_id))
+    gen = _generate(shaper, proc, ["the red circle"], invoke="entropy")
+    monkeypatch.undo()
+    assert gen.tokens[0][K + 1] == shaper.head.mt_end_id and len(gen.masks[0]) == 1
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [("mask_readout_upsample", 0, "mask_readout_upsample"),
+                                                          ("mask_readout_scale", 0.0, "mask_readout_scale")])
+def test_mask_readout_rejects_bad_options(tokenizer_dir, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        _model(tokenizer_dir, mask_readout=True, **{option: value})

@@ -77,10 +77,12 @@ def test_never_gives_exactly_the_himtok_outputs(forced):
     assert x.text == y.text and np.array_equal(x.logits[0], y.logits[0])
 
 
-def test_an_untrained_shaper_changes_nothing_even_when_invoked(tokenizer_dir, monkeypatch):
-    """The control MLP's last layer starts at zero: training starts exactly from HiMTok's behaviour."""
+@pytest.mark.parametrize("options", [{}, {"steer_codes": True}])
+def test_an_untrained_shaper_changes_nothing_even_when_invoked(tokenizer_dir, monkeypatch, options):
+    """The control MLP's last layer (and the code steer) start at zero: training starts exactly from HiMTok's
+    behaviour."""
     himtok, proc = _model(tokenizer_dir, seed=2)
-    shaper = shaper_from_himtok(himtok, proc).eval()
+    shaper = shaper_from_himtok(himtok, proc, options).eval()
     for model in (himtok, shaper):
         monkeypatch.setattr(model.head, "constrain", _opening_constrain(model.head, proc.eos_token_id))
     base, always = _generate(himtok, proc, QUERIES), _generate(shaper, proc, QUERIES, invoke="always")
@@ -294,11 +296,17 @@ def test_save_and_from_pretrained_give_identical_answers(forced, tmp_path, monke
 
 # -- training -----------------------------------------------------------------------------------------------------
 def _shaped_rollout(shaper, proc, query: str, monkeypatch):
-    """Decode ``query`` with ``invoke="always"``, recording every shift the head computes; returns the generation,
+    """Decode ``query`` with ``invoke="always"``, recording every input shift the head computes; returns the generation,
     the shifts in order, and the teacher-forced batch of the same answer (for the stage-1 objective)."""
     shifts = []
     original = shaper.head.shift
-    monkeypatch.setattr(shaper.head, "shift", lambda *a: shifts.append(original(*a)) or shifts[-1])
+
+    def record(*args):
+        out = original(*args)
+        shifts.append(out[0])
+        return out
+
+    monkeypatch.setattr(shaper.head, "shift", record)
     pixels = torch.randn(1, 3, 64, 64)
     prompt = proc.encode_chat([{"role": "user", "content": query}])[0]
     gen = generate(shaper, [prompt], pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
@@ -558,3 +566,51 @@ def test_the_ui_and_the_predict_command_take_the_shaper(forced, tmp_path, monkey
     info = json.loads(Path(f"{prefix}_masks.json").read_text())["info"][0]
     assert info["invoke"] == "always" and info["invocations"] == 4 and info["invoked_at"] == [3, 7, 11, 15]
     assert main([*command, "--invoke", "often"]) == 2
+
+
+# -- the code steer -------------------------------------------------------------------------------------------
+def test_code_steer_terms_reach_only_the_later_codes():
+    from mmseg.modeling.shaper import CodeSteer
+
+    torch.manual_seed(0)
+    steer = CodeSteer(dim=8, num_tokens=6, code_dim=3)
+    c, codebook = torch.randn(2, 8), torch.nn.functional.normalize(torch.randn(10, 3), dim=-1)
+    assert steer(c, codebook, torch.tensor([-1, 2])).abs().sum() == 0  # zero at the start
+    with torch.no_grad():
+        steer.proj.weight.normal_()
+    terms = steer(c, codebook, torch.tensor([-1, 2]))
+    assert terms.shape == (2, 6, 10)
+    assert (terms[0] != 0).all() and (terms[1, :3] == 0).all() and (terms[1, 3:] != 0).all()
+    u = steer.proj(c).view(2, 6, 3)
+    torch.testing.assert_close(terms[0], u[0] @ codebook.t())
+
+
+def test_code_steer_joins_decoding_and_stage_one(pair, monkeypatch):
+    """With ``steer_codes`` a shaping round's code terms change the later codes decoding picks, the stage-1
+    objective adds the same terms to the codes after its injection point, and its gradient reaches the steer from
+    the first step (it reads the translator's output, which is not zero at the start)."""
+    from mmseg.train_shaper import ShapingObjective, freeze_for
+
+    himtok, _, proc = pair
+    shaper = shaper_from_himtok(himtok, proc, {"steer_codes": True}).eval()
+    _wake(shaper)
+    head = shaper.head
+    monkeypatch.setattr(head, "constrain", _opening_constrain(head, proc.eos_token_id))
+    silent, _, batch = _shaped_rollout(shaper, proc, QUERIES[0], monkeypatch)
+    objective = ShapingObjective(shaper)
+    freeze_for(shaper, 1)
+    try:
+        losses = objective(batch, torch.tensor([3]))
+        losses["loss"].backward()
+        assert head.code_steer.proj.weight.grad.abs().sum() > 0
+        with torch.no_grad():
+            head.code_steer.proj.weight.normal_(0, 0.5)
+            steered = objective(batch, torch.tensor([3]))
+        assert steered["shaped_ce"] != losses["shaped_ce"] and steered["base_ce"] == losses["base_ce"]
+    finally:
+        shaper.zero_grad()
+        shaper.requires_grad_(True)
+    loud, _, _ = _shaped_rollout(shaper, proc, QUERIES[0], monkeypatch)
+    assert loud.masks[0][0].info["invoked_at"] == [3, 7, 11, 15]
+    assert loud.tokens[0][:5] == silent.tokens[0][:5]  # <mt_start> and codes 0..3: chosen before the first round
+    assert loud.tokens[0][5:K + 1] != silent.tokens[0][5:K + 1]

@@ -322,9 +322,15 @@ class HiMTokHead(MaskHead):
                                             config.mask_readout_scale)
 
     @property
-    def has_readout(self) -> bool:
-        """Whether the code logits decoding reads include terms read from the prompt (see :meth:`readout_logits`)."""
+    def reads_prompt(self) -> bool:
+        """Whether the head has a readout: code-logit terms read from the prompt (see :meth:`readout_logits`)."""
         return self.readout is not None or self.mask_readout is not None
+
+    @property
+    def has_readout(self) -> bool:
+        """Whether decoding adds terms to the LM's own code logits (:meth:`session_readout`); a subclass may add
+        terms of its own (the shaper's steering)."""
+        return self.reads_prompt
 
     @property
     def mask_tokenizer(self) -> MaskTokenizer:
@@ -422,7 +428,7 @@ class HiMTokHead(MaskHead):
 
     def _readouts(self, ids: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(terms (B, K, V) or None, the mask readout's coarse mask logits (B, h, w) or None)``."""
-        if not self.has_readout:
+        if not self.reads_prompt:
             return None, None
         image = hidden[ids == self.image_token_id].view(ids.shape[0], -1, hidden.shape[-1])
         codebook = self._codebook(torch.float32)
@@ -580,7 +586,7 @@ class HiMTokHead(MaskHead):
         positions = start[rows, None] + torch.arange(k, device=start.device)  # logits here predict the K codes
         code_logits = text_logits[rows[:, None], positions].index_select(-1, self.code_token_ids)  # (N, K, V)
         out = {}
-        if self.has_readout:
+        if self.reads_prompt:
             # The readouts' terms join the code logits everywhere they are read; the text CE trains the LM's own
             # logits, this CE the sum that decoding will use.
             terms, coarse = self._readouts(batch["input_ids"][rows], text_hidden[rows])

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from mmseg.modeling.heads.base import MaskPrediction, register_head
 from mmseg.modeling.heads.himtok import HiMTokConfig, HiMTokHead
+from mmseg.modeling.shaper.code_steer import CodeSteer
 from mmseg.modeling.shaper.condenser import Condenser
 from mmseg.modeling.shaper.control import ControlShaper
 from mmseg.modeling.shaper.invoker import (
@@ -91,6 +92,10 @@ class ShaperConfig(HiMTokConfig):
     long_queries: int = 8
     condenser_heads: int = 4
     num_controls: int = 4
+    # A shaping round also adds terms to the code logits of the mask tokens after the shaped one (see
+    # mmseg.modeling.shaper.code_steer): the lever on the readouts' share of the code logits, which the
+    # input-embedding shift cannot reach. Off: the shift alone, as LatentMorph.
+    steer_codes: bool = False
     think_prompt: str = "Think again about the object and the mask so far."
     # stage 1 (teacher-forced); steps, batch and learning rate come from the preset's "train"
     shaper_ce_weight: float = 1.0  # CE on the mask tokens after the injection (the HiMTok mask loss is added)
@@ -156,6 +161,8 @@ class ShaperHead(HiMTokHead):
         self.condense_long = Condenser(hidden_size, config.long_queries, config.condenser_heads)
         self.translator = Translator(hidden_size)
         self.control = ControlShaper(hidden_size, config.num_controls)
+        self.code_steer = CodeSteer(hidden_size, self.num_tokens, self.mask_tokenizer.config.code_dim) \
+            if config.steer_codes else None
         self.policy = PolicyInvoker(config.policy_hidden)
 
     @classmethod
@@ -172,8 +179,15 @@ class ShaperHead(HiMTokHead):
 
     def shaper_modules(self) -> dict[str, torch.nn.Module]:
         """The parts stage 1 trains (the policy is stage 2's)."""
-        return {"condense_short": self.condense_short, "condense_long": self.condense_long,
-                "translator": self.translator, "control": self.control}
+        parts = {"condense_short": self.condense_short, "condense_long": self.condense_long,
+                 "translator": self.translator, "control": self.control}
+        if self.code_steer is not None:
+            parts["code_steer"] = self.code_steer
+        return parts
+
+    @property
+    def has_readout(self) -> bool:
+        return self.reads_prompt or self.code_steer is not None
 
     def checkpoints(self) -> list[int]:
         """Mask-token indices where shaping may happen (-1: at ``<mt_start>``, with ``steer_start``)."""
@@ -183,17 +197,36 @@ class ShaperHead(HiMTokHead):
 
     # -- the shaping computation, shared by inference and training ------------------------------------
     def shift(self, model: "MMSegModel", recent: torch.Tensor, recent_valid: torch.Tensor, memory_states: torch.Tensor,
-              memory_valid: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        """One shaping round for N rows -> the input-embedding shift ``(N, D)``.
+              memory_valid: torch.Tensor, prompt: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One shaping round for N rows -> ``(shift (N, D), code terms (N, K, V) float)``: the input-embedding
+        shift, and the terms for the code logits after the shaped token (zero without ``steer_codes``, see
+        :class:`CodeSteer`).
 
         ``recent (N, R, D)`` + ``recent_valid (N, R)``: the ring buffer; ``memory_states (N, M, D)`` +
-        ``memory_valid (N, M)``: image positions and the span so far; ``prompt (N, D)``: the pooled prompt ``p``.
+        ``memory_valid (N, M)``: image positions and the span so far; ``prompt (N, D)``: the pooled prompt ``p``;
+        ``after (N,)``: the mask-token index of the shaped token (-1 for ``<mt_start>``).
         """
         m = self.condense_short.pooled(recent, recent_valid)
         memory = self.condense_long(memory_states, memory_valid)
         think = model.lm.get_input_embeddings()(self.think_ids)
         z = latent_thought(model.decoder, think, memory)
-        return self.control(self.translator(z, m, prompt))
+        c = self.translator(z, m, prompt)
+        shift = self.control(c)
+        if self.code_steer is None:
+            return shift, shift.new_zeros(shift.shape[0], self.num_tokens, self.codebook_size, dtype=torch.float32)
+        return shift, self.code_steer(c, self._codebook(torch.float32), after)
+
+    def session_readout(self, session: "DecodeSession", rows: torch.Tensor, steps: list[int]) -> torch.Tensor:
+        """HiMTok's readout terms plus the code terms of this session's shaping rounds so far ``(n, V)``."""
+        if self.reads_prompt:
+            terms = super().session_readout(session, rows, steps)
+        else:
+            terms = torch.zeros(len(steps), self.codebook_size, device=rows.device)
+        steer = session.state.get(STATE_KEY, {}).get("steer")
+        if steer is not None:
+            index = torch.tensor([min(n, self.num_tokens - 1) for n in steps], device=rows.device)
+            terms = terms + steer[rows, index]
+        return terms
 
     def prompt_summary(self, ids: torch.Tensor, hidden: torch.Tensor,
                        prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,7 +315,17 @@ class ShaperHead(HiMTokHead):
             image = state["image"][index]
             memory = torch.cat([image, span.to(image.dtype)], dim=1)
             memory_valid = torch.cat([torch.ones(image.shape[:2], dtype=torch.bool, device=image.device), span_valid], 1)
-            shift = self.shift(session.model, recent, recent_valid, memory, memory_valid, state["prompt"][index])
+            after = torch.tensor([len(rows[r].span) - 2 for r in active], device=hidden.device)
+            shift, steer = self.shift(session.model, recent, recent_valid, memory, memory_valid, state["prompt"][index],
+                                      after)
+            if self.code_steer is not None:  # read by constrain (session_readout)
+                if "steer" not in state:
+                    state["steer"] = torch.zeros(session.batch_size, self.num_tokens, self.codebook_size,
+                                                 device=hidden.device)
+                # The latest round's terms REPLACE earlier ones (codes up to the shaped token are chosen already):
+                # stage 1 trains one round at a time, and summed rounds would push the later codes further than
+                # any round was trained to.
+                state["steer"][index] = steer
             shifted = embeds.clone()
             shifted[index, 0] = shifted[index, 0] + shift.to(shifted.dtype)
             embeds = shifted  # a further round shifts the already shaped token again
