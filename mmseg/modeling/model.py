@@ -205,7 +205,7 @@ class MMSegModel(nn.Module):
         text_hidden = hidden[:, :t]
         logits = self.lm.get_output_embeddings()(text_hidden)
         labels = batch["labels"]
-        losses = {"text_ce": answer_cross_entropy(logits, labels, self.decision_weight)}
+        losses = {"text_ce": answer_cross_entropy(logits, self.head.text_labels(labels), self.decision_weight)}
         losses.update(self.head.loss(batch, text_hidden, logits, hidden[:, t:] if extra is not None else None))
         if self.probe is not None and "patch_labels" in batch:
             losses["patch_probe"] = self.probe_weight * self.probe.loss(features, batch["patch_labels"],

@@ -105,6 +105,11 @@ class MaskHead(nn.Module):
         """The head's weighted loss terms; the model adds the text cross-entropy."""
         raise NotImplementedError
 
+    def text_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Training: the labels ``(B, T)`` the model's text cross-entropy scores (-100 = not scored). All of them by
+        default; a head whose own loss trains some answer tokens may leave them out."""
+        return labels
+
     @classmethod
     def trainer(cls) -> Callable[..., dict] | None:
         """Training: a head that trains differently from the shared loop in :mod:`mmseg.train` (e.g. in stages on a

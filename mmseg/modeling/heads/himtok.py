@@ -111,6 +111,13 @@ class HiMTokConfig:
     # decoded in the mask loss (``mask_loss_samples`` None instead of 8) 0.190; the codebook adapter instead: 0.077.
     patch_readout: bool = False
     readout_bottleneck: int = 16
+    # Score the code tokens in the shared text cross-entropy too (as HiMTok). Off: the text CE scores the answer's
+    # words (and <mt_start> / <mt_end>) only, and the codes are trained by ``readout_ce`` (the CE of the summed
+    # logits decoding uses) and the mask loss; needs a readout. Why: the text CE is a mean over scored tokens, and
+    # a target answer has ~10 words beside its 32 codes, so the codes (hard, ~4 nats each) took ~3/4 of the LM's
+    # text signal, and the words that name the referent (colour, kind, place: what STAMP's text CE trains) a
+    # quarter, while the codes were scored a second time by readout_ce.
+    code_text_ce: bool = True
     # Add the frozen tokenizer's OWN reading of a predicted mask to the code logits (see MaskReadout): the image
     # positions' last hidden states predict a coarse mask of the referent (``mask_readout_upsample`` pixels per
     # position and side, trained densely against the target with BCE + Dice, weight ``mask_readout_weight``); the
@@ -321,6 +328,9 @@ class HiMTokHead(MaskHead):
         if config.patch_readout:
             self.readout = PatchReadout(hidden_size, gh * gw, found.num_tokens, found.code_dim,
                                         config.readout_bottleneck)
+        if not config.code_text_ce and not (config.patch_readout or config.mask_readout):
+            raise ValueError("himtok head: code_text_ce false leaves the code tokens to the readouts' cross-entropy; "
+                             "turn on patch_readout or mask_readout, or keep code_text_ce true")
         self.mask_readout = None
         if config.mask_readout:
             self.mask_readout = MaskReadout(hidden_size, (gh, gw), config.mask_readout_upsample,
@@ -472,6 +482,12 @@ class HiMTokHead(MaskHead):
         the model leaves it on the CPU): HiMTok's targets are the tokenizer's codes of the ground-truth mask."""
         if self._host_tokenizer is None:
             self._host_tokenizer = [copy.deepcopy(self.mask_tokenizer).cpu().eval()]  # a list: not a submodule
+
+    def text_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """``labels (B, T)`` without the code tokens when ``code_text_ce`` is off (see :class:`HiMTokConfig`)."""
+        if self.config.code_text_ce:
+            return labels
+        return labels.masked_fill(self.code_index[labels.clamp(min=0)] >= 0, -100)
 
     def expand_targets(self, input_ids: list[int], labels: list[int], mask: torch.Tensor | None,
                        rng: random.Random | None = None) -> tuple[list[int], list[int]]:
