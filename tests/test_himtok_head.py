@@ -902,3 +902,34 @@ def test_mask_readout_joins_decoding_and_the_shaper(tokenizer_dir):
 def test_mask_readout_rejects_bad_options(tokenizer_dir, option, value, message):
     with pytest.raises(ValueError, match=message):
         _model(tokenizer_dir, mask_readout=True, **{option: value})
+
+
+# -- code_text_ce ----------------------------------------------------------------------------------------------
+def test_code_text_ce_off_leaves_the_codes_to_the_readout(tokenizer_dir):
+    """Off, the text CE scores the words and the span markers but no code token; the codes are still scored by
+    readout_ce, and the other terms are those of the same weights with the option on."""
+    on, proc = _model(tokenizer_dir, seed=9, patch_readout=True)
+    off, _ = _model(tokenizer_dir, seed=9, patch_readout=True, code_text_ce=False)
+    off.load_state_dict(on.state_dict())
+    head = off.head
+    batch = _batch(proc, head, _square_mask())
+    labels = batch["labels"]
+    kept = head.text_labels(labels)
+    is_code = head.code_index[labels.clamp(min=0)] >= 0
+    assert int(is_code.sum()) == 2 * K  # the two target answers' codes
+    assert (kept[is_code] == -100).all() and torch.equal(kept[~is_code], labels[~is_code])
+    assert (kept == head.mt_start_id).sum() == 2 and (kept == head.mt_end_id).sum() == 2
+    assert torch.equal(on.head.text_labels(labels), labels)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = on(batch)
+        torch.manual_seed(0)
+        b = off(batch)
+    assert a["text_ce"] != b["text_ce"]
+    for key in ("readout_ce", "mask_bce", "mask_dice"):
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_code_text_ce_off_needs_a_readout(tokenizer_dir):
+    with pytest.raises(ValueError, match="code_text_ce false"):
+        _model(tokenizer_dir, code_text_ce=False)
