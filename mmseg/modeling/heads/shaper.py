@@ -13,7 +13,10 @@ run (:mod:`mmseg.modeling.shaper.invoker`). One round, in :meth:`ShaperHead.afte
 4. translator ``[z, m, p] -> c`` (``p``: the prompt's hidden states pooled, image positions excluded);
 5. control shaper ``c -> shift``; the shift is added to the input embedding of mask token ``i`` and that one
    position is re-run with :meth:`~mmseg.generation.DecodeSession.replace_last` (its KV entries are replaced, the
-   cache length is unchanged), so the next code and everything after it see the shaped token.
+   cache length is unchanged), so the next code and everything after it see the shaped token;
+6. with ``steer_codes``, the translator's output also gives terms for the code logits of the mask tokens after the
+   shaped one (:class:`~mmseg.modeling.shaper.code_steer.CodeSteer`), the lever on the share of the code logits
+   that HiMTok's readouts read from the prompt, where no input shift reaches.
 
 Each answer's :class:`MaskPrediction` ``info`` reports ``invoke`` (the mode), ``invocations`` (rounds run) and
 ``invoked_at`` (the mask-token index of every round). Per-call options: ``keep_tokens``, ``invoke`` (one of

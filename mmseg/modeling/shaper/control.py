@@ -1,5 +1,6 @@
 """Shaper proper: the translator's output -> ``K`` control vectors with learnable strengths; their mean is the shift
-added to the INPUT embedding of the current mask token (logits are never edited directly).
+added to the INPUT embedding of the current mask token (the shift edits no logit; the optional
+:mod:`.code_steer` does).
 
 ``MLP D -> 2D -> K*D`` gives ``v_1 .. v_K``; the shift is ``mean_k(s_k * v_k)``. The MLP's last layer starts at zero
 and the strengths at one, so an untrained shaper leaves HiMTok's decoding exactly as it was.
