@@ -116,7 +116,11 @@ class HiMTokConfig:
     # logits decoding uses) and the mask loss; needs a readout. Why: the text CE is a mean over scored tokens, and
     # a target answer has ~10 words beside its 32 codes, so the codes (hard, ~4 nats each) took ~3/4 of the LM's
     # text signal, and the words that name the referent (colour, kind, place: what STAMP's text CE trains) a
-    # quarter, while the codes were scored a second time by readout_ce.
+    # quarter, while the codes were scored a second time by readout_ce. Measured (session 17, tiny-himtok with this
+    # off, both cores, in-run val cIoU over 256 train-seed sentences): 0.236 / 0.329 / 0.392 at 1k / 2k / 3k steps
+    # (stopped there) against the committed run's 0.239 / 0.296 / 0.486: the words' CE was already 0.18 at 1k
+    # steps (template answers), so they carry little signal either way, and the relational skill came no sooner
+    # (0.16 at 3k). On in the presets.
     code_text_ce: bool = True
     # Add the frozen tokenizer's OWN reading of a predicted mask to the code logits (see MaskReadout): the image
     # positions' last hidden states predict a coarse mask of the referent (``mask_readout_upsample`` pixels per
