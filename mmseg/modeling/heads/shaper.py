@@ -328,7 +328,7 @@ class ShaperHead(HiMTokHead):
                 # The latest round's terms REPLACE earlier ones (codes up to the shaped token are chosen already):
                 # stage 1 trains one round at a time, and summed rounds would push the later codes further than
                 # any round was trained to.
-                state["steer"][index] = steer
+                state["steer"][index] = steer.to(state["steer"].dtype)
             shifted = embeds.clone()
             shifted[index, 0] = shifted[index, 0] + shift.to(shifted.dtype)
             embeds = shifted  # a further round shifts the already shaped token again

@@ -34,4 +34,4 @@ class CodeSteer(nn.Module):
         ``<mt_start>``) -> terms ``(N, K, V)`` float, zero at positions ``<= after`` (codes already chosen)."""
         u = self.proj(c.to(self.proj.weight.dtype)).float().view(-1, self.num_tokens, self.code_dim)
         later = torch.arange(self.num_tokens, device=c.device)[None] > after.to(c.device)[:, None]  # (N, K)
-        return (u @ codebook.float().t()) * later[..., None]
+        return (u @ codebook.float().t()).float() * later[..., None]  # float under autocast too
