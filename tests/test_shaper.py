@@ -614,3 +614,6 @@ def test_code_steer_joins_decoding_and_stage_one(pair, monkeypatch):
     assert loud.masks[0][0].info["invoked_at"] == [3, 7, 11, 15]
     assert loud.tokens[0][:5] == silent.tokens[0][:5]  # <mt_start> and codes 0..3: chosen before the first round
     assert loud.tokens[0][5:K + 1] != silent.tokens[0][5:K + 1]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the presets' mixed precision
+        mixed = _generate(shaper, proc, QUERIES[:1], invoke="always")
+    assert mixed.masks[0][0].info["invocations"] == 4 and torch.isfinite(mixed.masks[0][0].logits.float()).all()
