@@ -734,17 +734,25 @@ def test_patch_readout_starts_silent_and_trains(himtok, tokenizer_dir):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.readout.parameters())
 
 
-def test_patch_readout_joins_the_code_logits_when_decoding(tokenizer_dir):
-    model, proc = _model(tokenizer_dir, seed=3, patch_readout=True)
-    _randomise_readout(model)
+def _constrained_step(model, proc, fed_codes: int):
+    """One ``constrain`` call after ``<mt_start>`` and ``fed_codes`` codes, on random prompt states: returns
+    ``(logits in (1, V), logits out (1, V), prompt ids (1, T), prompt hidden states (1, T, D))``."""
     head = model.head
     codes = head.code_token_ids.tolist()
     prompt = torch.tensor([proc.encode_chat([{"role": "user", "content": "the red circle"}])[0]])
     hidden = torch.randn(1, prompt.shape[1], model.lm.config.hidden_size)
-    session = SimpleNamespace(tokens=[[head.mt_start_id, *codes[:2]]], batch_size=1, device=torch.device("cpu"),
-                              state={}, prompt_ids=prompt, prompt_hidden=hidden)
+    session = SimpleNamespace(tokens=[[head.mt_start_id, *codes[:fed_codes]]], batch_size=1,
+                              device=torch.device("cpu"), state={}, prompt_ids=prompt, prompt_hidden=hidden)
     logits = torch.randn(1, max(codes) + 1)
-    out = head.constrain(session, logits)
+    with torch.no_grad():
+        return logits, head.constrain(session, logits), prompt, hidden
+
+
+def test_patch_readout_joins_the_code_logits_when_decoding(tokenizer_dir):
+    model, proc = _model(tokenizer_dir, seed=3, patch_readout=True)
+    _randomise_readout(model)
+    head = model.head
+    logits, out, prompt, hidden = _constrained_step(model, proc, 2)
     readout = head.readout_logits(prompt, hidden)  # (1, K, V): the third code is predicted from row 2
     assert readout.shape == (1, K, CODES) and readout.abs().sum() > 0
     torch.testing.assert_close(out[0, head.code_token_ids], logits[0, head.code_token_ids] + readout[0, 2])
@@ -763,13 +771,15 @@ def test_patch_readout_joins_the_code_logits_when_decoding(tokenizer_dir):
     assert with_readout[1 : K + 1] != without[1 : K + 1]
 
 
-def test_the_shaper_keeps_the_patch_readout(tokenizer_dir):
+@pytest.mark.parametrize("option", ["patch_readout", "mask_readout"])
+def test_the_shaper_keeps_the_readouts(tokenizer_dir, option):
     """A shaper built on a HiMTok model with a readout reads the same code logits: readout weights carried over, the
     same readout_ce on a batch, and the readout joins the shaper's own code logits when it decodes."""
     from mmseg.modeling.heads.shaper import shaper_from_himtok
 
-    model, proc = _model(tokenizer_dir, seed=5, patch_readout=True)
-    _randomise_readout(model)
+    model, proc = _model(tokenizer_dir, seed=5, **{option: True})
+    part = {"patch_readout": "readout", "mask_readout": "mask_readout"}[option]
+    {"patch_readout": _randomise_readout, "mask_readout": _randomise_mask_readout}[option](model)
     batch = _batch(proc, model.head, _square_mask())
     with torch.no_grad():
         torch.manual_seed(0)
@@ -777,7 +787,7 @@ def test_the_shaper_keeps_the_patch_readout(tokenizer_dir):
         shaper = shaper_from_himtok(model, proc).eval()
         torch.manual_seed(0)
         torch.testing.assert_close(shaper(batch)["readout_ce"], before)
-    for a, b in zip(shaper.head.readout.parameters(), model.head.readout.parameters()):
+    for a, b in zip(getattr(shaper.head, part).parameters(), getattr(model.head, part).parameters()):
         torch.testing.assert_close(a, b)
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(shaper.head, "constrain", _opening_constrain(shaper.head, proc.eos_token_id))
@@ -867,34 +877,14 @@ def test_mask_readout_trains_densely_and_leaves_the_tokenizer_frozen(tokenizer_d
     out["loss"].backward()
 
 
-def test_mask_readout_joins_decoding_and_the_shaper(tokenizer_dir):
-    from mmseg.modeling.heads.shaper import shaper_from_himtok
-
+def test_mask_readout_joins_decoding(tokenizer_dir):
     model, proc = _model(tokenizer_dir, seed=8, mask_readout=True)
     _randomise_mask_readout(model)
     head = model.head
-    codes = head.code_token_ids.tolist()
-    prompt = torch.tensor([proc.encode_chat([{"role": "user", "content": "the red circle"}])[0]])
-    hidden = torch.randn(1, prompt.shape[1], model.lm.config.hidden_size)
-    session = SimpleNamespace(tokens=[[head.mt_start_id, *codes[:3]]], batch_size=1, device=torch.device("cpu"),
-                              state={}, prompt_ids=prompt, prompt_hidden=hidden)
-    logits = torch.randn(1, max(codes) + 1)
+    logits, out, prompt, hidden = _constrained_step(model, proc, 3)
     with torch.no_grad():
-        out = head.constrain(session, logits)
         terms = head.readout_logits(prompt, hidden)
     torch.testing.assert_close(out[0, head.code_token_ids], logits[0, head.code_token_ids] + terms[0, 3])
-    batch = _batch(proc, head, _square_mask())
-    with torch.no_grad():
-        torch.manual_seed(0)
-        before = model(batch)["readout_ce"]
-        shaper = shaper_from_himtok(model, proc).eval()
-        torch.manual_seed(0)
-        torch.testing.assert_close(shaper(batch)["readout_ce"], before)
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setattr(shaper.head, "constrain", _opening_constrain(shaper.head, proc.eos_token_id))
-    gen = _generate(shaper, proc, ["the red circle"], invoke="entropy")
-    monkeypatch.undo()
-    assert gen.tokens[0][K + 1] == shaper.head.mt_end_id and len(gen.masks[0]) == 1
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [("mask_readout_upsample", 0, "mask_readout_upsample"),
