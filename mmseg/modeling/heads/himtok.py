@@ -271,7 +271,7 @@ class MaskReadout(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(hidden_size)
         self.paint = torch.nn.Linear(hidden_size, upsample * upsample)
         # scale = exp(LOG_SCALE_GAIN * u): Adam moves u by about the learning rate per step, so the gain lets the
-        # scale travel 1 -> 30 in a few hundred steps (as exp(u) alone it would take thousands), either way.
+        # scale travel 1 -> 30 (or back) in a few hundred steps; as exp(u) alone it would take thousands.
         self.log_scale = torch.nn.Parameter(torch.tensor(math.log(scale) / self.LOG_SCALE_GAIN))
 
     @property
