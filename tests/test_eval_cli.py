@@ -146,3 +146,42 @@ def test_parquet_layout_from_the_command_line(capsys, ckpt, tmp_path):
     assert "layout parquet, 3 sentences" in out and "NOT the UNC val" in (tmp_path / "o" / "report.md").read_text()
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["n"] == 3 and metrics["protocol"]["layout"] == "parquet" and metrics["protocol"]["notes"]
+
+
+def _grounding_benchmark():
+    spec = importlib.util.spec_from_file_location("grounding_bench", ROOT / "benchmarks" / "grounding.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grounding_benchmark_reads_the_gate_per_type(synthref_root, tmp_path, capsys, monkeypatch):
+    from mmseg.modeling.grounding import focus_cells
+
+    bench = _grounding_benchmark()
+    model, proc = tiny_model(seed=2, model_options={"image_position": "after", "ground_layer": 1, "ground_gate": True})
+    model.save_pretrained(tmp_path / "gated")
+    proc.save_pretrained(tmp_path / "gated")
+    assert bench.main(["--model", str(tmp_path / "gated"), "--data", str(synthref_root), "--limit", "20",
+                       "--json", str(tmp_path / "g.json")]) == 0
+    result = json.loads((tmp_path / "g.json").read_text())["by_type"]
+    assert result and all(row["n"] > 0 and 0 <= row["top_cell_hit"] <= 1 and 0 <= row["cell_iou"] <= 1
+                          for row in result.values())
+    assert "no_target" not in result and "top-cell hit" in capsys.readouterr().out
+    # a gate that marks exactly the referent's cells scores 1 on both measures
+    original = model.forward
+
+    def perfect(batch):
+        out = original(batch)
+        grid = tuple(model.grounder.last_logits.shape[-2:])
+        model.grounder.last_logits = focus_cells(batch["focus_targets"], grid) * 20 - 10
+        return out
+
+    monkeypatch.setattr(model, "forward", perfect)
+    exact = bench.grounding_by_type(model, proc, synthref_root, limit=20)
+    assert all(row["top_cell_hit"] == 1 and row["cell_iou"] == 1 for row in exact.values())
+    plain, plain_proc = tiny_model(seed=3)
+    plain.save_pretrained(tmp_path / "plain")
+    plain_proc.save_pretrained(tmp_path / "plain")
+    with pytest.raises(SystemExit, match="no grounding gate"):
+        bench.main(["--model", str(tmp_path / "plain"), "--data", str(synthref_root)])
