@@ -154,7 +154,8 @@ class ShapingObjective(nn.Module):
         readout = head.readout_logits(ids[rows], hidden[rows])  # (N, K, V) from the prompt; None without a readout
         if readout is not None:
             code_logits = code_logits + readout
-        code_logits = code_logits + steer  # (zero without steer_codes) the shaped rows' later codes only
+        if steer is not None:  # steer_codes: terms for the shaped rows' later codes only
+            code_logits = code_logits + steer
         target_codes = head.code_targets(labels[rows[:, None], code_pos + 1])  # (N, K) code indices
         after = torch.arange(k, device=ids.device)[None] > i[:, None]  # codes i+1 .. K-1 follow the injection
         targets = torch.where(after, target_codes, torch.full_like(target_codes, -100))

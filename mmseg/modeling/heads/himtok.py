@@ -491,7 +491,7 @@ class HiMTokHead(MaskHead):
         """``labels (B, T)`` without the code tokens when ``code_text_ce`` is off (see :class:`HiMTokConfig`)."""
         if self.config.code_text_ce:
             return labels
-        return labels.masked_fill(self.code_index[labels.clamp(min=0)] >= 0, -100)
+        return labels.masked_fill(self.code_targets(labels) >= 0, -100)
 
     def expand_targets(self, input_ids: list[int], labels: list[int], mask: torch.Tensor | None,
                        rng: random.Random | None = None) -> tuple[list[int], list[int]]:

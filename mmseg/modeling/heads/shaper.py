@@ -200,9 +200,10 @@ class ShaperHead(HiMTokHead):
 
     # -- the shaping computation, shared by inference and training ------------------------------------
     def shift(self, model: "MMSegModel", recent: torch.Tensor, recent_valid: torch.Tensor, memory_states: torch.Tensor,
-              memory_valid: torch.Tensor, prompt: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              memory_valid: torch.Tensor, prompt: torch.Tensor,
+              after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One shaping round for N rows -> ``(shift (N, D), code terms (N, K, V) float)``: the input-embedding
-        shift, and the terms for the code logits after the shaped token (zero without ``steer_codes``, see
+        shift, and the terms for the code logits after the shaped token (None without ``steer_codes``, see
         :class:`CodeSteer`).
 
         ``recent (N, R, D)`` + ``recent_valid (N, R)``: the ring buffer; ``memory_states (N, M, D)`` +
@@ -216,7 +217,7 @@ class ShaperHead(HiMTokHead):
         c = self.translator(z, m, prompt)
         shift = self.control(c)
         if self.code_steer is None:
-            return shift, shift.new_zeros(shift.shape[0], self.num_tokens, self.codebook_size, dtype=torch.float32)
+            return shift, None
         return shift, self.code_steer(c, self._codebook(torch.float32), after)
 
     def session_readout(self, session: "DecodeSession", rows: torch.Tensor, steps: list[int]) -> torch.Tensor:
@@ -321,7 +322,7 @@ class ShaperHead(HiMTokHead):
             after = torch.tensor([len(rows[r].span) - 2 for r in active], device=hidden.device)
             shift, steer = self.shift(session.model, recent, recent_valid, memory, memory_valid, state["prompt"][index],
                                       after)
-            if self.code_steer is not None:  # read by constrain (session_readout)
+            if steer is not None:  # read by constrain (session_readout)
                 if "steer" not in state:
                     state["steer"] = torch.zeros(session.batch_size, self.num_tokens, self.codebook_size,
                                                  device=hidden.device)
