@@ -151,7 +151,8 @@ class ShapingObjective(nn.Module):
         code_pos = s[:, None] + torch.arange(k, device=ids.device)[None]  # logits here predict the K codes
         output = model.lm.get_output_embeddings()
         code_logits = output(shaped_hidden[rows[:, None], code_pos]).index_select(-1, head.code_token_ids).float()
-        readout = head.readout_logits(ids[rows], hidden[rows])  # (N, K, V) from the prompt; None without a readout
+        # (N, K, V) from the prompt (and the <mt_start> state, when the readout is gated); None without a readout
+        readout = head.readout_logits(ids[rows], hidden[rows], hidden[rows, s])
         if readout is not None:
             code_logits = code_logits + readout
         if steer is not None:  # steer_codes: terms for the shaped rows' later codes only

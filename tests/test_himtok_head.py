@@ -619,11 +619,11 @@ def test_codebook_adapter_starts_silent_then_adds_the_code_geometry(himtok, toke
         torch.testing.assert_close(embedding(ids)[0, 0], embedding.weight[ids[0, 0]] + head.adapter.embed(codebook[5]))
 
 
-@pytest.mark.parametrize("part", ["codebook_adapter", "patch_readout", "mask_readout"])
+@pytest.mark.parametrize("part", ["codebook_adapter", "patch_readout", "mask_readout", "readout_query"])
 def test_learned_code_parts_round_trip(tokenizer_dir, tmp_path, part):
-    model, proc = _model(tokenizer_dir, seed=1, **{part: True})
+    model, proc = _model(tokenizer_dir, seed=1, **{part: True}, **({"patch_readout": True} if part == "readout_query" else {}))
     {"codebook_adapter": _randomise_adapter, "patch_readout": _randomise_readout,
-     "mask_readout": _randomise_mask_readout}[part](model)
+     "mask_readout": _randomise_mask_readout, "readout_query": _randomise_readout}[part](model)
     batch = _batch(proc, model.head, _square_mask())
     Segmenter(model, proc).save_pretrained(tmp_path)
     loaded, _ = load_pretrained(tmp_path)
@@ -771,15 +771,17 @@ def test_patch_readout_joins_the_code_logits_when_decoding(tokenizer_dir):
     assert with_readout[1 : K + 1] != without[1 : K + 1]
 
 
-@pytest.mark.parametrize("option", ["patch_readout", "mask_readout"])
+@pytest.mark.parametrize("option", ["patch_readout", "mask_readout", "readout_query"])
 def test_the_shaper_keeps_the_readouts(tokenizer_dir, option):
     """A shaper built on a HiMTok model with a readout reads the same code logits: readout weights carried over, the
     same readout_ce on a batch, and the readout joins the shaper's own code logits when it decodes."""
     from mmseg.modeling.heads.shaper import shaper_from_himtok
 
-    model, proc = _model(tokenizer_dir, seed=5, **{option: True})
-    part = {"patch_readout": "readout", "mask_readout": "mask_readout"}[option]
-    {"patch_readout": _randomise_readout, "mask_readout": _randomise_mask_readout}[option](model)
+    options = {option: True, "patch_readout": True} if option == "readout_query" else {option: True}
+    model, proc = _model(tokenizer_dir, seed=5, **options)
+    part = {"patch_readout": "readout", "mask_readout": "mask_readout", "readout_query": "answer_gate"}[option]
+    {"patch_readout": _randomise_readout, "mask_readout": _randomise_mask_readout,
+     "readout_query": _randomise_readout}[option](model)
     batch = _batch(proc, model.head, _square_mask())
     with torch.no_grad():
         torch.manual_seed(0)
@@ -846,7 +848,8 @@ def test_mask_readout_reads_the_coarse_mask_through_the_frozen_encoder(tokenizer
     prompt = torch.tensor([proc.encode_chat([{"role": "user", "content": "the red circle"}])[0]] * 2)
     hidden = torch.randn(2, prompt.shape[1], model.lm.config.hidden_size)
     with torch.no_grad():
-        terms, coarse = head._readouts(prompt, hidden)
+        terms, coarse, gate = head._readouts(prompt, hidden)
+        assert gate is None
         assert coarse.shape == (2, gh * 4, gw * 4) and terms.shape == (2, K, CODES)
         tokenizer = head.mask_tokenizer
         expected = head.mask_readout.scale * (F.normalize(tokenizer.encode_latents(coarse.sigmoid()), dim=-1)
@@ -892,6 +895,90 @@ def test_mask_readout_joins_decoding(tokenizer_dir):
 def test_mask_readout_rejects_bad_options(tokenizer_dir, option, value, message):
     with pytest.raises(ValueError, match=message):
         _model(tokenizer_dir, mask_readout=True, **{option: value})
+
+
+# -- the answer-gated readout ----------------------------------------------------------------------------------
+def _gated(tokenizer_dir, seed: int = 9):
+    model, proc = _model(tokenizer_dir, seed=seed, patch_readout=True, readout_query=True)
+    _randomise_readout(model)
+    return model, proc
+
+
+def test_answer_gate_reads_the_mask_point_state(tokenizer_dir):
+    """The gated readout's terms depend on the <mt_start> state (the query) and need it: a clear error without."""
+    model, proc = _gated(tokenizer_dir)
+    head = model.head
+    prompt = torch.tensor([proc.encode_chat([{"role": "user", "content": "the red circle"}])[0]] * 2)
+    hidden = torch.randn(2, prompt.shape[1], model.lm.config.hidden_size)
+    query = torch.randn(2, model.lm.config.hidden_size)
+    with torch.no_grad():
+        terms, coarse, gate = head._readouts(prompt, hidden, query)
+        gh, gw = model.prefix_grid
+        assert terms.shape == (2, K, CODES) and coarse is None and gate.shape == (2, gh * gw)
+        image = hidden[prompt == head.image_token_id].view(2, -1, hidden.shape[-1])
+        torch.testing.assert_close(gate, head.answer_gate(query, image))
+        other = head.readout_logits(prompt, hidden, query.flip(0))
+    assert not torch.allclose(other, terms)
+    with pytest.raises(ValueError, match="readout_query"):
+        head.readout_logits(prompt, hidden)
+
+
+def test_answer_gate_trains_densely_against_the_target_cells(tokenizer_dir):
+    model, proc = _gated(tokenizer_dir)
+    batch = _batch(proc, model.head, _square_mask())
+    model.train()
+    out = model(batch)
+    assert float(out["readout_gate"].detach()) > 0 and torch.isfinite(out["readout_ce"])
+    out["loss"].backward()
+    for part in (model.head.answer_gate, model.head.readout):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    # the gate's target: each prefix cell's share of the mask, read where the mask is (the square) and not elsewhere
+    gate = model.head.answer_gate
+    model.zero_grad()
+    none = _batch(proc, model.head, _square_mask())
+    none["seg_positions"].fill_(-1)
+    out = model(none)
+    assert float(out["readout_gate"].detach()) == 0
+    out["loss"].backward()  # every parameter still in the graph
+    assert all(p.grad is not None for p in gate.parameters())
+
+
+def test_answer_gated_readout_joins_decoding_per_mask_point(tokenizer_dir):
+    """constrain adds the readout read with the row's latest <mt_start> state; a new mask point reads it afresh."""
+    model, proc = _gated(tokenizer_dir)
+    head = model.head
+    codes = head.code_token_ids.tolist()
+    prompt = torch.tensor([proc.encode_chat([{"role": "user", "content": "the red circle"}])[0]])
+    d = model.lm.config.hidden_size
+    hidden = torch.randn(1, prompt.shape[1], d)
+    first, second = torch.randn(d), torch.randn(d)
+    session = SimpleNamespace(tokens=[[head.mt_start_id, *codes[:2]]], batch_size=1, device=torch.device("cpu"),
+                              state={}, prompt_ids=prompt, prompt_hidden=hidden, point_hidden=[[first]])
+    logits = torch.randn(1, max(codes) + 1)
+    with torch.no_grad():
+        out = head.constrain(session, logits)
+        expected = head.readout_logits(prompt, hidden, first[None])[0, 2]
+        torch.testing.assert_close(out[0, head.code_token_ids], logits[0, head.code_token_ids] + expected)
+        # a second mask in the same answer: its own <mt_start> state
+        session.tokens[0] += [*codes[2:K], head.mt_end_id, head.mt_start_id]
+        session.point_hidden[0].append(second)
+        out = head.constrain(session, logits)
+        expected = head.readout_logits(prompt, hidden, second[None])[0, 0]
+    torch.testing.assert_close(out[0, head.code_token_ids], logits[0, head.code_token_ids] + expected)
+    # end to end through generate: K in-vocabulary codes and a mask
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(head, "constrain", _opening_constrain(head, proc.eos_token_id))
+    gen = _generate(model, proc, ["the red circle", "the blue square"])
+    monkeypatch.undo()
+    for row in range(2):
+        assert gen.tokens[row][K + 1] == head.mt_end_id and len(gen.masks[row]) == 1
+
+
+def test_readout_query_needs_the_patch_readout(tokenizer_dir):
+    with pytest.raises(ValueError, match="patch_readout"):
+        _model(tokenizer_dir, readout_query=True)
+    with pytest.raises(ValueError, match="readout_query_dim"):
+        _model(tokenizer_dir, patch_readout=True, readout_query=True, readout_query_dim=0)
 
 
 # -- code_text_ce ----------------------------------------------------------------------------------------------

@@ -111,6 +111,13 @@ class HiMTokConfig:
     # decoded in the mask loss (``mask_loss_samples`` None instead of 8) 0.190; the codebook adapter instead: 0.077.
     patch_readout: bool = False
     readout_bottleneck: int = 16
+    # Gate the patch readout by the answer (see AnswerGate): the hidden state at <mt_start>, which has read the
+    # answer's naming of the referent, scores each image position; the readout reads the positions scaled by that
+    # gate (and the gate itself), and the gate is trained against the target's share of each position's cell
+    # (BCE + Dice, weight ``readout_gate_weight``). Needs ``patch_readout``. Off: the readout sees the prompt only.
+    readout_query: bool = False
+    readout_query_dim: int = 64
+    readout_gate_weight: float = 1.0
     # Score the code tokens in the shared text cross-entropy too (as HiMTok). Off: the text CE scores the answer's
     # words (and <mt_start> / <mt_end>) only, and the codes are trained by ``readout_ce`` (the CE of the summed
     # logits decoding uses) and the mask loss; needs a readout. Why: the text CE is a mean over scored tokens, and
@@ -226,23 +233,63 @@ class PatchReadout(torch.nn.Module):
     It reads only the prompt, so it is the same whether the codes before were teacher-forced or generated.
     """
 
-    def __init__(self, hidden_size: int, patches: int, num_tokens: int, code_dim: int, bottleneck: int) -> None:
+    def __init__(self, hidden_size: int, patches: int, num_tokens: int, code_dim: int, bottleneck: int,
+                 gated: bool = False) -> None:
         super().__init__()
-        self.patches, self.num_tokens, self.bottleneck = patches, num_tokens, bottleneck
+        self.patches, self.num_tokens, self.bottleneck, self.gated = patches, num_tokens, bottleneck, gated
         self.norm = torch.nn.LayerNorm(hidden_size)
         self.down = torch.nn.Linear(hidden_size, bottleneck)
-        self.mix = torch.nn.Linear(patches * bottleneck, num_tokens * bottleneck)
+        # Gated: each position's channels are scaled by its gate, and the gate logit itself is one more channel.
+        self.mix = torch.nn.Linear(patches * (bottleneck + int(gated)), num_tokens * bottleneck)
         self.up = torch.nn.Linear(bottleneck, code_dim)
         torch.nn.init.zeros_(self.up.weight)
         torch.nn.init.zeros_(self.up.bias)
 
-    def forward(self, image_hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_hidden: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """``image_hidden (B, P, D)``, ``gate (B, P)`` logits (required iff built ``gated``) -> ``(B, K, code_dim)``."""
         b, p, _ = image_hidden.shape
         if p != self.patches:
             raise ValueError(f"patch_readout was built for {self.patches} image positions, the prompt has {p}")
-        x = self.down(self.norm(image_hidden)).flatten(1)  # (B, P * b)
-        x = F.gelu(self.mix(x)).view(b, self.num_tokens, self.bottleneck)
+        if (gate is None) == self.gated:
+            raise ValueError("a gated patch readout needs the answer gate's logits" if self.gated
+                             else "this patch readout was built without a gate")
+        x = self.down(self.norm(image_hidden))  # (B, P, b)
+        if gate is not None:
+            gate = gate.to(x.dtype)[..., None]
+            x = torch.cat([x * torch.sigmoid(gate), gate], dim=-1)
+        x = F.gelu(self.mix(x.flatten(1))).view(b, self.num_tokens, self.bottleneck)
         return self.up(x)  # (B, K, code_dim)
+
+
+class AnswerGate(torch.nn.Module):
+    """Which image positions the answer so far names: the hidden state at ``<mt_start>`` ``(B, D)`` (it has read
+    the request, the image and the answer's words) against the image positions' hidden states ``(B, P, D)`` ->
+    logits ``(B, P)``, ``<W_q LN(q), W_k LN(h_p)> / sqrt(d) + b``. Trained densely against the share of each
+    position's cell the target covers, and it gates the patch readout (``readout_query``).
+
+    Why: the image positions precede the answer, so a readout of them alone sees the request but not the answer's
+    own naming of the referent ("the red cross at the bottom left"). That naming is where a relational request is
+    resolved, by next-token prediction, and STAMP's mask queries, which follow the answer, draw the named object
+    (seed-1 testB cIoU 0.92 with the true description forced, against 0.66 for ``synthref-himtok``'s codes, whose
+    readout cannot see it; session 18). Matching a named colour, kind and place against the positions' states is
+    the easy, attribute-like part; this gate makes the readout do that.
+    """
+
+    def __init__(self, hidden_size: int, dim: int) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"readout_query_dim must be >= 1, got {dim}")
+        self.scale = dim ** -0.5
+        self.query_norm = torch.nn.LayerNorm(hidden_size)
+        self.key_norm = torch.nn.LayerNorm(hidden_size)
+        self.query = torch.nn.Linear(hidden_size, dim)
+        self.key = torch.nn.Linear(hidden_size, dim)
+        self.bias = torch.nn.Parameter(torch.tensor(-2.0))  # most positions are background
+
+    def forward(self, query: torch.Tensor, image_hidden: torch.Tensor) -> torch.Tensor:
+        q = self.query(self.query_norm(query))  # (B, d)
+        k = self.key(self.key_norm(image_hidden))  # (B, P, d)
+        return (k @ q[..., None])[..., 0] * self.scale + self.bias  # (B, P)
 
 
 class MaskReadout(torch.nn.Module):
@@ -329,9 +376,13 @@ class HiMTokHead(MaskHead):
         self.adapter = CodebookAdapter(hidden_size, found.code_dim) if config.codebook_adapter else None
         self.readout = None
         gh, gw = prefix_grid or grid_size  # the readouts read the LM prefix's image positions (merged or not)
+        self.readout_grid = (gh, gw)
+        if config.readout_query and not config.patch_readout:
+            raise ValueError("himtok head: readout_query gates the patch readout; turn on patch_readout too")
+        self.answer_gate = AnswerGate(hidden_size, config.readout_query_dim) if config.readout_query else None
         if config.patch_readout:
             self.readout = PatchReadout(hidden_size, gh * gw, found.num_tokens, found.code_dim,
-                                        config.readout_bottleneck)
+                                        config.readout_bottleneck, gated=config.readout_query)
         if not config.code_text_ce and not (config.patch_readout or config.mask_readout):
             raise ValueError("himtok head: code_text_ce false leaves the code tokens to the readouts' cross-entropy; "
                              "turn on patch_readout or mask_readout, or keep code_text_ce true")
@@ -439,36 +490,57 @@ class HiMTokHead(MaskHead):
         index = self.code_index[labels.clamp(min=0)]
         return torch.where((labels >= 0) & (index >= 0), index, -100)
 
-    def readout_logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
+    def readout_logits(self, ids: torch.Tensor, hidden: torch.Tensor,
+                       query: torch.Tensor | None = None) -> torch.Tensor | None:
         """``ids (B, T)`` holding the image positions and their last hidden states ``(B, T, D)`` -> the readouts'
         terms for the K code positions' logits ``(B, K, V)`` float (patch readout + mask readout, whichever the
-        head has); None without a readout."""
-        return self._readouts(ids, hidden)[0]
+        head has); None without a readout. ``query (B, D)``: the last hidden state at each row's ``<mt_start>``,
+        needed when the readout is gated by the answer (``readout_query``)."""
+        return self._readouts(ids, hidden, query)[0]
 
-    def _readouts(self, ids: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(terms (B, K, V) or None, the mask readout's coarse mask logits (B, h, w) or None)``."""
+    def _readouts(self, ids: torch.Tensor, hidden: torch.Tensor, query: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(terms (B, K, V) or None, the mask readout's coarse mask logits (B, h, w) or None, the answer gate's
+        logits (B, P) or None)``."""
         if not self.reads_prompt:
-            return None, None
+            return None, None, None
         image = hidden[ids == self.image_token_id].view(ids.shape[0], -1, hidden.shape[-1])
         codebook = self._codebook(torch.float32)
-        terms, coarse = 0.0, None
+        terms, coarse, gate = 0.0, None, None
+        if self.answer_gate is not None:
+            if query is None:
+                raise ValueError("this himtok head's readout is gated by the answer (readout_query): pass the hidden "
+                                 "state at <mt_start> as query")
+            gate = self.answer_gate(query, image)
         if self.readout is not None:
-            terms = self.readout(image).float() @ codebook.t()
+            terms = self.readout(image, gate).float() @ codebook.t()
         if self.mask_readout is not None:
             coarse = self.mask_readout(image)  # (B, h, w)
             # Through the frozen encoder (no parameter of it trains; the gradient reaches the coarse mask).
             latents = self.mask_tokenizer.encode_latents(torch.sigmoid(coarse)).float()  # (B, K, code_dim)
             cosine = F.normalize(latents, dim=-1) @ codebook.t()
             terms = terms + self.mask_readout.scale * cosine
-        return terms, coarse
+        return terms, coarse, gate
 
     def session_readout(self, session: "DecodeSession", rows: torch.Tensor, steps: list[int]) -> torch.Tensor:
         """The readout's terms ``(n, V)`` for the next code of ``rows (n,)``, code index ``steps[i]`` each (clamped
-        to the last code). Computed once per session from its prompt (the same for every step) and kept there."""
-        if READOUT_KEY not in session.state:
-            session.state[READOUT_KEY] = self.readout_logits(session.prompt_ids, session.prompt_hidden)  # (B, K, V)
+        to the last code). Read from the prompt once per session and kept there; with an answer-gated readout,
+        once per mask point (its ``<mt_start>`` state is the gate's query)."""
         index = torch.tensor([min(n, self.num_tokens - 1) for n in steps], device=rows.device)
-        return session.state[READOUT_KEY][rows, index]
+        if self.answer_gate is None:
+            if READOUT_KEY not in session.state:
+                session.state[READOUT_KEY] = self.readout_logits(session.prompt_ids, session.prompt_hidden)  # (B, K, V)
+            return session.state[READOUT_KEY][rows, index]
+        # Per row: (number of mask points it was read at, its terms (K, V)); a new <mt_start> reads it afresh.
+        cache: dict[int, tuple[int, torch.Tensor]] = session.state.setdefault(READOUT_KEY, {})
+        stale = [r for r in rows.tolist() if cache.get(r, (-1,))[0] != len(session.point_hidden[r])]
+        if stale:
+            at = torch.tensor(stale, device=rows.device)
+            query = torch.stack([session.point_hidden[r][-1] for r in stale])
+            terms = self.readout_logits(session.prompt_ids[at], session.prompt_hidden[at], query)
+            for i, r in enumerate(stale):
+                cache[r] = (len(session.point_hidden[r]), terms[i])
+        return torch.stack([cache[r][1] for r in rows.tolist()])[torch.arange(len(index)), index]
 
     def soft_codes(self, code_logits: torch.Tensor) -> torch.Tensor:
         """LM logits over the code tokens ``(..., V)`` -> code probabilities ``(..., V)`` (HiMTok's sharpening)."""
@@ -607,6 +679,8 @@ class HiMTokHead(MaskHead):
                 out["readout_ce"] = zero + 0.0 * sum(p.sum() for part in parts for p in part.parameters())
             if self.mask_readout is not None:
                 out["readout_mask"] = zero
+            if self.answer_gate is not None:
+                out["readout_gate"] = zero + 0.0 * sum(p.sum() for p in self.answer_gate.parameters())
             return out
         positions = start[rows, None] + torch.arange(k, device=start.device)  # logits here predict the K codes
         code_logits = text_logits[rows[:, None], positions].index_select(-1, self.code_token_ids)  # (N, K, V)
@@ -614,11 +688,18 @@ class HiMTokHead(MaskHead):
         if self.reads_prompt:
             # The readouts' terms join the code logits everywhere they are read; the text CE trains the LM's own
             # logits, this CE the sum that decoding will use.
-            terms, coarse = self._readouts(batch["input_ids"][rows], text_hidden[rows])
+            query = text_hidden[rows, start[rows]] if self.answer_gate is not None else None  # at <mt_start>
+            terms, coarse, gate = self._readouts(batch["input_ids"][rows], text_hidden[rows], query)
             code_logits = code_logits.float() + terms
             labels = batch["labels"][rows[:, None], positions + 1]
             targets = self.code_targets(labels)
             out["readout_ce"] = F.cross_entropy(code_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+            if gate is not None:
+                grid = self.readout_grid
+                gate = gate.float().view(-1, *grid)
+                target = downsample_targets(batch["mask_targets"][rows], grid)
+                out["readout_gate"] = self.config.readout_gate_weight * (bce_loss(gate, target)
+                                                                         + dice_loss(gate, target))
             if coarse is not None:
                 target = downsample_targets(batch["mask_targets"][rows], tuple(coarse.shape[-2:]))
                 out["readout_mask"] = self.config.mask_readout_weight * (bce_loss(coarse, target)
