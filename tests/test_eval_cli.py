@@ -185,3 +185,42 @@ def test_grounding_benchmark_reads_the_gate_per_type(synthref_root, tmp_path, ca
     plain_proc.save_pretrained(tmp_path / "plain")
     with pytest.raises(SystemExit, match="no grounding gate"):
         bench.main(["--model", str(tmp_path / "plain"), "--data", str(synthref_root)])
+
+
+def _description_benchmark():
+    spec = importlib.util.spec_from_file_location("description_bench", ROOT / "benchmarks" / "description.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_description_benchmark_separates_naming_from_drawing(synthref_root, tmp_path, capsys, monkeypatch):
+    from mmseg.data.prompts import EVAL_TEMPLATE, target_description
+    from mmseg.data.refer import ReferDataset
+    from mmseg.predictor import Answer, Segmenter
+
+    bench = _description_benchmark()
+    model, proc = tiny_model(seed=4)
+    model.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    assert bench.main(["--model", str(tmp_path / "m"), "--data", str(synthref_root), "--splits", "val",
+                       "--limit", "8", "--json", str(tmp_path / "d.json")]) == 0
+    row = json.loads((tmp_path / "d.json").read_text())["splits"]["val"]
+    assert row["n"] == 8 and 0 <= row["named"] <= row["named_object"] <= 1 and 0 <= row["ciou_forced"] <= 1
+    assert "ciou_forced" in capsys.readouterr().out
+    # the forced answer ends at the head's mask point, after the description's words
+    ids = bench.forced_prefix(proc, model.head.mask_point_token_id, "the red circle on the left")
+    assert ids[-1] == model.head.mask_point_token_id and "red circle on the left" in proc.decode(ids[:-1])
+    # answers that name the referent and draw its mask score 1 wherever they are read
+    dataset = ReferDataset(synthref_root, "synthref", "unc", "val")
+    truth = {(str(s.image_path), EVAL_TEMPLATE.format(expression=s.sentence)): s
+             for s in (dataset[i] for i in range(len(dataset)))}
+
+    def perfect(self, conversations, images, **options):
+        samples = [truth[(str(path), conv[-1]["content"])] for conv, path in zip(conversations, images)]
+        return [Answer(text=f"Sure, {target_description(s)} <seg>.", masks=[s.mask]) for s in samples]
+
+    monkeypatch.setattr(Segmenter, "batch", perfect)
+    exact = bench.described(Segmenter(model, proc), dataset, limit=8)
+    assert exact["named"] == exact["named_object"] == exact["ciou_own"] == exact["ciou_named"] == 1.0
+    assert exact["ciou_misnamed"] is None
