@@ -57,12 +57,13 @@ def main() -> None:
     with torch.autocast(seg.model.device.type, dtype=torch.bfloat16):
         results["qa"] = evaluate_qa(seg, qa, Path(args.data) / "images", batch_size=args.batch_size)
 
-    print(f"{'split':<8}{'n':>6}{'cIoU':>8}{'gIoU':>8}{'P@0.5':>8}{'no-tgt':>8}   cIoU by type")
+    print(f"{'split':<8}{'n':>6}{'cIoU':>8}{'gIoU':>8}{'P@0.5':>8}{'no-tgt':>8}{'named':>8}   cIoU by type")
     for split in args.splits:
         r = results[split]
         types = ", ".join(f"{k} {v['ciou']:.3f} ({v['n']})" for k, v in r["by_type"].items())
         nt = "-" if r["no_target_acc"] is None else f"{r['no_target_acc']:.3f}"
-        print(f"{split:<8}{r['n']:>6}{r['ciou']:>8.3f}{r['giou']:>8.3f}{r['prec@0.5']:>8.3f}{nt:>8}   {types}")
+        named = "-" if r.get("named") is None else f"{r['named']:.3f}"
+        print(f"{split:<8}{r['n']:>6}{r['ciou']:>8.3f}{r['giou']:>8.3f}{r['prec@0.5']:>8.3f}{nt:>8}{named:>8}   {types}")
         for k, kr in r.get("keep_tokens", {}).items():
             print(f"{'  k=' + str(k):<8}{'':>6}{kr['ciou']:>8.3f}{kr['giou']:>8.3f}{kr['prec@0.5']:>8.3f}")
     print(f"QA exact match {results['qa']['qa_exact_match']:.3f} over {results['qa']['qa_n']} questions")

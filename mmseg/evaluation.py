@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mmseg.data.prompts import EVAL_TEMPLATE
+from mmseg.data.prompts import EVAL_TEMPLATE, target_description
 from mmseg.metrics import SegMetrics
 
 
@@ -26,24 +26,33 @@ def evaluate_refer(segmenter, dataset, indices: Sequence[int] | None = None, bat
     """Referring segmentation with the model's OWN generated answers (never teacher-forced).
 
     Returns LISA-style metrics (``ciou``, ``giou``, ``prec@t``, ``no_target_acc`` ...) plus ``by_type``: cIoU
-    and count per expression type.
+    and count per expression type, and ``named``: the share of sentences with a describable target whose answer
+    contains its description (:func:`target_description`, which the presets train answers to say before the
+    mask; None when no sentence has one). A relational expression is resolved in those words first, so ``named``
+    tells a reasoning failure from a drawing one (see ``benchmarks/description.py``).
     """
     from tqdm.auto import tqdm
 
     indices = list(range(len(dataset))) if indices is None else list(indices)
     overall = SegMetrics()
     by_type: dict[str, SegMetrics] = defaultdict(SegMetrics)
+    named = [0, 0]  # answers naming their target's description, sentences with one
     chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     for chunk in tqdm(chunks, desc="evaluate", disable=not progress, unit="batch"):
         samples = [dataset[i] for i in chunk]
         conversations = [[{"role": "user", "content": template.format(expression=s.sentence)}] for s in samples]
         answers = segmenter.batch(conversations, [s.image_path for s in samples], **options)
         for sample, answer in zip(samples, answers):
+            description = target_description(sample)
+            if description is not None:
+                named[0] += description in answer.text
+                named[1] += 1
             pred = predicted_mask(answer, sample.mask.shape)
             overall.update(pred, sample.mask, has_target=sample.has_target)
             by_type[sample.expr_type or "unknown"].update(pred, sample.mask, has_target=sample.has_target)
     result = overall.compute()
     result["by_type"] = {k: {"ciou": v.compute()["ciou"], "n": v.compute()["n"]} for k, v in sorted(by_type.items())}
+    result["named"] = named[0] / named[1] if named[1] else None
     return result
 
 

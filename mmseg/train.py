@@ -279,7 +279,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
                 seen = probe_accuracy(unwrapped, collate, val_pool, val_indices) if unwrapped.probe is not None else {}
             unwrapped.train()
             metrics = {"val_ciou": refer["ciou"], "val_giou": refer["giou"], "val_no_target_acc": refer["no_target_acc"],
-                       "val_qa_exact_match": qa["qa_exact_match"],
+                       "val_qa_exact_match": qa["qa_exact_match"], "val_named": refer["named"],
                        "val_by_type": {k: round(v["ciou"], 4) for k, v in refer["by_type"].items()},
                        **{f"val_probe_{family}": round(acc, 4) for family, acc in seen.items()}}
         accelerator.wait_for_everyone()

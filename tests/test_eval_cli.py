@@ -224,3 +224,31 @@ def test_description_benchmark_separates_naming_from_drawing(synthref_root, tmp_
     exact = bench.described(Segmenter(model, proc), dataset, limit=8)
     assert exact["named"] == exact["named_object"] == exact["ciou_own"] == exact["ciou_named"] == 1.0
     assert exact["ciou_misnamed"] is None
+
+
+def test_quick_evaluation_counts_answers_that_name_their_target(synthref_root):
+    from mmseg.data.prompts import EVAL_TEMPLATE, target_description
+    from mmseg.data.refer import ReferDataset
+    from mmseg.evaluation import evaluate_refer
+    from mmseg.predictor import Answer
+
+    dataset = ReferDataset(synthref_root, "synthref", "unc", "val")
+    truth = {(str(s.image_path), EVAL_TEMPLATE.format(expression=s.sentence)): s
+             for s in (dataset[i] for i in range(len(dataset)))}
+
+    class Scripted:  # answers every target sentence with its mask, naming the target or not
+        def __init__(self, name: bool) -> None:
+            self.name = name
+
+        def batch(self, conversations, images, **options):
+            samples = [truth[(str(path), conv[-1]["content"])] for conv, path in zip(conversations, images)]
+            return [Answer(text=f"Sure, {target_description(s) if self.name else ''} <seg>.", masks=[s.mask])
+                    for s in samples]
+
+    described = [i for i in range(len(dataset)) if target_description(dataset[i]) is not None]
+    assert described
+    named = evaluate_refer(Scripted(True), dataset, described)
+    unnamed = evaluate_refer(Scripted(False), dataset, described)
+    assert named["named"] == 1.0 and unnamed["named"] == 0.0 and named["ciou"] == unnamed["ciou"] == 1.0
+    no_target = [i for i in range(len(dataset)) if not dataset[i].has_target]
+    assert no_target and evaluate_refer(Scripted(True), dataset, no_target)["named"] is None
