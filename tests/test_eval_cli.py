@@ -126,11 +126,16 @@ def test_two_processes_equal_one(one_process, ckpt, synthref_root, tmp_path):
     assert not list(out.glob("predictions.rank*"))
 
 
-def test_throughput_benchmark_runs(ckpt, synthref_root, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("eval_throughput", ROOT / "benchmarks" / "eval_throughput.py")
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = module.main(["--model", str(ckpt), "--data", str(synthref_root), "--n", "4", "--json", str(tmp_path / "t.json")])
+    return module
+
+
+def test_throughput_benchmark_runs(ckpt, synthref_root, tmp_path, capsys):
+    result = _benchmark("eval_throughput").main(["--model", str(ckpt), "--data", str(synthref_root), "--n", "4", "--json", str(tmp_path / "t.json")])
     assert [r["batch_size"] for r in result["rows"]] == [1, 16] and result["masks_identical"]
     assert json.loads((tmp_path / "t.json").read_text())["n"] == 4
     assert "| batch size | samples | seconds | samples/s |" in capsys.readouterr().out
@@ -148,17 +153,10 @@ def test_parquet_layout_from_the_command_line(capsys, ckpt, tmp_path):
     assert metrics["n"] == 3 and metrics["protocol"]["layout"] == "parquet" and metrics["protocol"]["notes"]
 
 
-def _grounding_benchmark():
-    spec = importlib.util.spec_from_file_location("grounding_bench", ROOT / "benchmarks" / "grounding.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_grounding_benchmark_reads_the_gate_per_type(synthref_root, tmp_path, capsys, monkeypatch):
     from mmseg.modeling.grounding import focus_cells
 
-    bench = _grounding_benchmark()
+    bench = _benchmark("grounding")
     model, proc = tiny_model(seed=2, model_options={"image_position": "after", "ground_layer": 1, "ground_gate": True})
     model.save_pretrained(tmp_path / "gated")
     proc.save_pretrained(tmp_path / "gated")
@@ -187,19 +185,12 @@ def test_grounding_benchmark_reads_the_gate_per_type(synthref_root, tmp_path, ca
         bench.main(["--model", str(tmp_path / "plain"), "--data", str(synthref_root)])
 
 
-def _description_benchmark():
-    spec = importlib.util.spec_from_file_location("description_bench", ROOT / "benchmarks" / "description.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_description_benchmark_separates_naming_from_drawing(synthref_root, tmp_path, capsys, monkeypatch):
     from mmseg.data.prompts import EVAL_TEMPLATE, target_description
     from mmseg.data.refer import ReferDataset
     from mmseg.predictor import Answer, Segmenter
 
-    bench = _description_benchmark()
+    bench = _benchmark("description")
     model, proc = tiny_model(seed=4)
     model.save_pretrained(tmp_path / "m")
     proc.save_pretrained(tmp_path / "m")
