@@ -135,7 +135,8 @@ def _benchmark(name: str):
 
 
 def test_throughput_benchmark_runs(ckpt, synthref_root, tmp_path, capsys):
-    result = _benchmark("eval_throughput").main(["--model", str(ckpt), "--data", str(synthref_root), "--n", "4", "--json", str(tmp_path / "t.json")])
+    result = _benchmark("eval_throughput").main(["--model", str(ckpt), "--data", str(synthref_root), "--n", "4",
+                                                 "--json", str(tmp_path / "t.json")])
     assert [r["batch_size"] for r in result["rows"]] == [1, 16] and result["masks_identical"]
     assert json.loads((tmp_path / "t.json").read_text())["n"] == 4
     assert "| batch size | samples | seconds | samples/s |" in capsys.readouterr().out
