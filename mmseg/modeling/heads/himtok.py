@@ -119,7 +119,9 @@ class HiMTokConfig:
     # warmup 300, ``mask_loss_samples`` 32; ``benchmarks/description.py``, 200 seed-1 sentences per split): with the
     # true description forced, testB cIoU 0.731 against the committed model's 0.661 (the mask follows the words
     # more), but the answers named the referent no more often (testB 0.225 against 0.26; STAMP 0.78), and in
-    # 3,803 steps in-run val cIoU reached 0.608 against the committed run's 0.738. Off in the presets.
+    # 3,803 steps in-run val cIoU reached 0.608 against the committed run's 0.738. With ``image_merge`` 2 too
+    # (5,161 steps): testB named 0.445 (the merged prefix reasons better), forced 0.633 (a 4x4 gate draws coarser),
+    # seed-1 val / testB 0.576 / 0.443 against the committed 0.694 / 0.507. Off in the presets.
     readout_query: bool = False
     readout_query_dim: int = 64
     readout_gate_weight: float = 1.0
