@@ -932,7 +932,7 @@ def test_answer_gate_trains_densely_against_the_target_cells(tokenizer_dir):
     out["loss"].backward()
     for part in (model.head.answer_gate, model.head.readout):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
-    # the gate's target: each prefix cell's share of the mask, read where the mask is (the square) and not elsewhere
+    # no mask in the batch: the gate's term is zero and its parameters stay in the graph (distributed training)
     gate = model.head.answer_gate
     model.zero_grad()
     none = _batch(proc, model.head, _square_mask())

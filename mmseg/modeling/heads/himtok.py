@@ -237,7 +237,8 @@ class PatchReadout(torch.nn.Module):
     positions are diluted ~30x). That is the problem the mask tokenizer's own encoder had before its dense
     patch -> latent map (see ``MaskTokenizer.to_latents``), and this is the same remedy on the LM side: a learned
     map from each image position's (request-aware) state to each code carries the place from the first steps.
-    It reads only the prompt, so it is the same whether the codes before were teacher-forced or generated.
+    It reads only the prompt (and, gated, the ``<mt_start>`` state), so it is the same whether the codes before
+    were teacher-forced or generated.
     """
 
     def __init__(self, hidden_size: int, patches: int, num_tokens: int, code_dim: int, bottleneck: int,
