@@ -621,7 +621,8 @@ def test_codebook_adapter_starts_silent_then_adds_the_code_geometry(himtok, toke
 
 @pytest.mark.parametrize("part", ["codebook_adapter", "patch_readout", "mask_readout", "readout_query"])
 def test_learned_code_parts_round_trip(tokenizer_dir, tmp_path, part):
-    model, proc = _model(tokenizer_dir, seed=1, **{part: True}, **({"patch_readout": True} if part == "readout_query" else {}))
+    options = {part: True, "patch_readout": True} if part == "readout_query" else {part: True}
+    model, proc = _model(tokenizer_dir, seed=1, **options)
     {"codebook_adapter": _randomise_adapter, "patch_readout": _randomise_readout,
      "mask_readout": _randomise_mask_readout, "readout_query": _randomise_readout}[part](model)
     batch = _batch(proc, model.head, _square_mask())

@@ -153,6 +153,13 @@ class HiMTokConfig:
     mask_readout_scale: float = 1.0
 
 
+def coarse_mask_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """BCE + Dice of coarse mask ``logits (N, h, w)`` against ``masks (N, S, S)`` in {0, 1}, area-downsampled to
+    ``(h, w)`` (each cell's covered share as a soft target)."""
+    target = downsample_targets(masks, tuple(logits.shape[-2:]))
+    return bce_loss(logits, target) + dice_loss(logits, target)
+
+
 def random_subset(n: int, cap: int | None, device: torch.device | str | None = None) -> torch.Tensor:
     """Indices ``(min(n, cap),)`` of a random subset of ``0..n-1`` in increasing order; all of them when ``cap`` is
     None or at least ``n``."""
@@ -535,19 +542,17 @@ class HiMTokHead(MaskHead):
         to the last code). Read from the prompt once per session and kept there; with an answer-gated readout,
         once per mask point (its ``<mt_start>`` state is the gate's query)."""
         index = torch.tensor([min(n, self.num_tokens - 1) for n in steps], device=rows.device)
-        if self.answer_gate is None:
-            if READOUT_KEY not in session.state:
-                session.state[READOUT_KEY] = self.readout_logits(session.prompt_ids, session.prompt_hidden)  # (B, K, V)
-            return session.state[READOUT_KEY][rows, index]
-        # Per row: (number of mask points it was read at, its terms (K, V)); a new <mt_start> reads it afresh.
+        # Per row: (the read's key, its terms (K, V)). Ungated, one read per session (key 0); gated, one per mask
+        # point (key: the row's number of mask points), so a new <mt_start> reads it afresh.
+        gated = self.answer_gate is not None
         cache: dict[int, tuple[int, torch.Tensor]] = session.state.setdefault(READOUT_KEY, {})
-        stale = [r for r in rows.tolist() if cache.get(r, (-1,))[0] != len(session.point_hidden[r])]
+        key = {r: len(session.point_hidden[r]) if gated else 0 for r in rows.tolist()}
+        stale = [r for r in key if cache.get(r, (-1,))[0] != key[r]]
         if stale:
             at = torch.tensor(stale, device=rows.device)
-            query = torch.stack([session.point_hidden[r][-1] for r in stale])
+            query = torch.stack([session.point_hidden[r][-1] for r in stale]) if gated else None
             terms = self.readout_logits(session.prompt_ids[at], session.prompt_hidden[at], query)
-            for i, r in enumerate(stale):
-                cache[r] = (len(session.point_hidden[r]), terms[i])
+            cache.update({r: (key[r], terms[i]) for i, r in enumerate(stale)})
         return torch.stack([cache[r][1] for r in rows.tolist()])[torch.arange(len(index)), index]
 
     def soft_codes(self, code_logits: torch.Tensor) -> torch.Tensor:
@@ -682,13 +687,13 @@ class HiMTokHead(MaskHead):
             out = {"mask_bce": zero, "mask_dice": zero}
             if self.config.num_prefixes > 0:
                 out["mask_prefix"] = zero
-            parts = [part for part in (self.readout, self.mask_readout) if part is not None]
+            parts = [part for part in (self.readout, self.mask_readout, self.answer_gate) if part is not None]
             if parts:  # every parameter in the graph, so that distributed training stays in step
                 out["readout_ce"] = zero + 0.0 * sum(p.sum() for part in parts for p in part.parameters())
             if self.mask_readout is not None:
                 out["readout_mask"] = zero
             if self.answer_gate is not None:
-                out["readout_gate"] = zero + 0.0 * sum(p.sum() for p in self.answer_gate.parameters())
+                out["readout_gate"] = zero
             return out
         positions = start[rows, None] + torch.arange(k, device=start.device)  # logits here predict the K codes
         code_logits = text_logits[rows[:, None], positions].index_select(-1, self.code_token_ids)  # (N, K, V)
@@ -702,16 +707,12 @@ class HiMTokHead(MaskHead):
             labels = batch["labels"][rows[:, None], positions + 1]
             targets = self.code_targets(labels)
             out["readout_ce"] = F.cross_entropy(code_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+            masks = batch["mask_targets"][rows]
             if gate is not None:
-                grid = self.readout_grid
-                gate = gate.float().view(-1, *grid)
-                target = downsample_targets(batch["mask_targets"][rows], grid)
-                out["readout_gate"] = self.config.readout_gate_weight * (bce_loss(gate, target)
-                                                                         + dice_loss(gate, target))
+                gate = gate.float().view(-1, *self.readout_grid)
+                out["readout_gate"] = self.config.readout_gate_weight * coarse_mask_loss(gate, masks)
             if coarse is not None:
-                target = downsample_targets(batch["mask_targets"][rows], tuple(coarse.shape[-2:]))
-                out["readout_mask"] = self.config.mask_readout_weight * (bce_loss(coarse, target)
-                                                                         + dice_loss(coarse, target))
+                out["readout_mask"] = self.config.mask_readout_weight * coarse_mask_loss(coarse, masks)
         if self.config.mask_loss_samples is not None and rows.numel() > self.config.mask_loss_samples:
             pick = random_subset(rows.numel(), self.config.mask_loss_samples, rows.device)
             rows, code_logits = rows[pick], code_logits[pick]

@@ -404,7 +404,8 @@ def shaper_from_himtok(model: "MMSegModel", processor: Any, options: dict[str, A
                       asset_dir=asset_dir, prefix_grid=model.prefix_grid)
     model.unhook()  # the new model re-adds the grounder's hook, the new head the adapter's (same weights, below)
     head.bind(processor, model.lm)
-    for part in ("adapter", "readout", "mask_readout", "answer_gate"):  # the HiMTok head's own learned parts, when it has them
+    # the HiMTok head's own learned parts, when it has them
+    for part in ("adapter", "readout", "mask_readout", "answer_gate"):
         if getattr(model.head, part) is not None:
             getattr(head, part).load_state_dict(getattr(model.head, part).state_dict())
     config = dataclasses.replace(model.config, head=merged)
