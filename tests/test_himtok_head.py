@@ -1011,3 +1011,66 @@ def test_code_text_ce_off_leaves_the_codes_to_the_readout(tokenizer_dir):
 def test_code_text_ce_off_needs_a_readout(tokenizer_dir):
     with pytest.raises(ValueError, match="code_text_ce false"):
         _model(tokenizer_dir, code_text_ce=False)
+
+
+# -- mask queries as the readouts' source ----------------------------------------------------------------------
+def _queried(tokenizer_dir, seed: int = 9):
+    model, proc = _model(tokenizer_dir, seed=seed, patch_readout=True, readout_query=True, readout_queries=True)
+    _randomise_readout(model)
+    return model, proc
+
+
+def test_query_readout_trains_every_part_from_the_queries(tokenizer_dir):
+    """The gate and the readout read one mask query per vision patch (the full grid): both train, the queries'
+    own parameters included; with no mask in the batch every term is zero and every parameter stays in the graph."""
+    model, proc = _queried(tokenizer_dir)
+    head = model.head
+    assert head.readout_grid == model.vision.grid_size and head.queries.patches == model.vision.grid_size[0] ** 2
+    model.train()
+    out = model(_batch(proc, head, _square_mask()))
+    assert float(out["readout_gate"].detach()) > 0 and torch.isfinite(out["readout_ce"])
+    out["loss"].backward()
+    for part in (head.queries, head.answer_gate, head.readout):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    model.zero_grad()
+    none = _batch(proc, head, _square_mask())
+    none["seg_positions"].fill_(-1)
+    out = model(none)
+    assert float(out["readout_gate"].detach()) == 0
+    out["loss"].backward()
+    assert all(p.grad is not None for p in head.queries.parameters())
+
+
+def test_query_readout_decodes_as_it_was_trained(tokenizer_dir, monkeypatch):
+    """The mask queries run mid-decoding at <mt_start> give the same hidden states (so the same code terms) as
+    the teacher-forced training pass over the same prompt and <mt_start>."""
+    model, proc = _queried(tokenizer_dir)
+    head = model.head
+    seen = []
+    original = head.session_queries
+    monkeypatch.setattr(head, "session_queries", lambda s, rows: seen.append(original(s, rows)) or seen[-1])
+    monkeypatch.setattr(head, "constrain", _opening_constrain(head, proc.eos_token_id))
+    prompt = proc.encode_chat([{"role": "user", "content": "the red circle"}])[0]
+    pixels = torch.randn(1, 3, 64, 64)
+    gen = generate(model, [prompt], pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
+                   max_new_tokens=4)
+    assert gen.tokens[0][K + 1] == head.mt_end_id and len(seen) == 1  # read once per mask point
+    ids = torch.tensor([prompt + [head.mt_start_id]])
+    batch = {"seg_positions": torch.tensor([len(prompt)]), "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        embeds, features = model.embed_inputs(ids, pixels)
+        hidden = model.text_hidden(embeds, ids, batch["attention_mask"], head.extra_inputs(batch, features))
+    torch.testing.assert_close(seen[0], hidden[:, ids.shape[1]:], atol=1e-4, rtol=1e-4)
+
+
+def test_query_readout_options_and_inputs_fail_clearly(tokenizer_dir):
+    with pytest.raises(ValueError, match="readout_queries"):
+        _model(tokenizer_dir, readout_queries=True)
+    model, proc = _queried(tokenizer_dir)
+    prompt = torch.tensor([proc.encode_chat([{"role": "user", "content": "the red circle"}])[0]])
+    hidden = torch.randn(1, prompt.shape[1], model.lm.config.hidden_size)
+    with pytest.raises(ValueError, match="mask queries"):
+        model.head.readout_logits(prompt, hidden, hidden[:, -1])
+    plain, _ = _gated(tokenizer_dir)
+    with pytest.raises(ValueError, match="not mask queries"):
+        plain.head.readout_logits(prompt, hidden, hidden[:, -1], image=torch.randn(1, 64, hidden.shape[-1]))

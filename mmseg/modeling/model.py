@@ -12,7 +12,7 @@ from torch import nn
 
 from mmseg.config import ModelConfig
 from mmseg.modeling.grounding import GroundingProbe, focus_loss
-from mmseg.modeling.heads.base import MaskHead
+from mmseg.modeling.heads.base import ExtraInputs, MaskHead
 from mmseg.modeling.losses import answer_cross_entropy
 from mmseg.modeling.patch_probe import PatchProbe
 from mmseg.modeling.projector import MLPProjector, PatchMerger
@@ -125,15 +125,23 @@ class MMSegModel(nn.Module):
         finally:
             self._image_positions = None
 
-    def text_hidden(self, embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced last hidden states ``(B, T, D)`` of a text batch ``input_ids (B, T)`` whose ``embeds
+    def text_hidden(self, embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    extra: ExtraInputs | None = None) -> torch.Tensor:
+        """Teacher-forced last hidden states ``(B, T + Q, D)`` of a text batch ``input_ids (B, T)`` whose ``embeds
         (B, T, D)`` carry the image (see :meth:`embed_inputs`): causal text, the image block as configured, the
-        grounder on. No head inputs, no cache."""
+        grounder on; then the head's ``extra`` positions (``Q`` of them, none by default), which text never sees.
+        No cache."""
         b, t = input_ids.shape
         image = input_ids == self.image_token_id
+        rows = self.text_attention(attention_mask, image)  # (B, T, T)
         positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
-        return self.run_decoder(embeds, self.text_attention(attention_mask, image)[:, None], positions,
-                                use_cache=False, image_positions=image)
+        if extra is not None:
+            q = extra.embeds.shape[1]
+            rows = torch.cat([F.pad(rows, (0, q), value=False), extra.attention], dim=1)  # text never sees extras
+            embeds = torch.cat([embeds, extra.embeds.to(embeds.dtype)], dim=1)
+            positions = torch.cat([positions, extra.position_ids], dim=1)
+        return self.run_decoder(embeds, rows[:, None], positions, use_cache=False,
+                                image_positions=F.pad(image, (0, embeds.shape[1] - t)))
 
     def text_attention(self, attention_mask: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
         """``attention_mask (B, T)`` padding mask, ``image_positions (B, T)`` bool -> ``(B, T, T)`` bool: causal
@@ -182,7 +190,7 @@ class MMSegModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         input_ids, attention = batch["input_ids"], batch["attention_mask"]
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         features = self.image_features(batch["pixel_values"])
         if self.probe is not None and self.vision_grad_scale != 1.0:
             # What the LM and the head pass back into the image features is scaled down; the probe's is not (see
@@ -191,17 +199,8 @@ class MMSegModel(nn.Module):
         else:
             shared = features
         embeds, _ = self.embed_inputs(input_ids, features=shared)
-        placeholders = input_ids == self.image_token_id
-        rows = self.text_attention(attention, placeholders)  # (B, T, T)
-        positions = torch.arange(t, device=input_ids.device)[None].expand(b, t)
         extra = self.head.extra_inputs(batch, shared)
-        if extra is not None:
-            q = extra.embeds.shape[1]
-            rows = torch.cat([F.pad(rows, (0, q), value=False), extra.attention], dim=1)  # text never sees extras
-            embeds = torch.cat([embeds, extra.embeds.to(embeds.dtype)], dim=1)
-            positions = torch.cat([positions, extra.position_ids], dim=1)
-        hidden = self.run_decoder(embeds, rows[:, None], positions, use_cache=False,
-                                  image_positions=F.pad(placeholders, (0, embeds.shape[1] - t)))
+        hidden = self.text_hidden(embeds, input_ids, attention, extra)
         text_hidden = hidden[:, :t]
         logits = self.lm.get_output_embeddings()(text_hidden)
         labels = batch["labels"]

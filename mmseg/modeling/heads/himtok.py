@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from mmseg.data.cache import BudgetMemo
 from mmseg.masks import mask_digest
-from mmseg.modeling.heads.base import MaskHead, MaskPrediction, register_head
+from mmseg.modeling.heads.base import ExtraInputs, MaskHead, MaskPrediction, register_head
+from mmseg.modeling.heads.mask_queries import MaskQueries, query_training_inputs, run_mask_queries
 from mmseg.modeling.losses import bce_loss, dice_loss, downsample_targets, gaussian_blur
 from mmseg.modeling.mask_tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from mmseg.modeling.mask_tokenizer import MaskTokenizer, MaskTokenizerConfig
@@ -125,6 +126,14 @@ class HiMTokConfig:
     readout_query: bool = False
     readout_query_dim: int = 64
     readout_gate_weight: float = 1.0
+    # The readouts (and the answer gate) read STAMP's mask queries instead of the prefix's image positions: one query
+    # per vision patch (its projected feature + a mask embedding + a learned position), run through the LM right
+    # after <mt_start>, reading the request, the image and the answer's words, bidirectional among themselves (see
+    # :mod:`mmseg.modeling.heads.mask_queries`). One more LM pass per mask point, at the vision tower's full grid
+    # even when the prefix merges patches (``image_merge``). Why: the prefix's image positions precede the answer;
+    # STAMP's queries follow it, and its masks follow the words (session 18, ``benchmarks/description.py``).
+    # Needs ``patch_readout`` or ``mask_readout``.
+    readout_queries: bool = False
     # Score the code tokens in the shared text cross-entropy too (as HiMTok). Off: the text CE scores the answer's
     # words (and <mt_start> / <mt_end>) only, and the codes are trained by ``readout_ce`` (the CE of the summed
     # logits decoding uses) and the mask loss; needs a readout. Why: the text CE is a mean over scored tokens, and
@@ -390,8 +399,12 @@ class HiMTokHead(MaskHead):
         self._host_tokenizer: list[MaskTokenizer] | None = None  # see host_targets
         self.adapter = CodebookAdapter(hidden_size, found.code_dim) if config.codebook_adapter else None
         self.readout = None
-        gh, gw = prefix_grid or grid_size  # the readouts read the LM prefix's image positions (merged or not)
+        # The readouts read the LM prefix's image positions (merged or not), or one mask query per vision patch.
+        gh, gw = grid_size if config.readout_queries else (prefix_grid or grid_size)
         self.readout_grid = (gh, gw)
+        if config.readout_queries and not (config.patch_readout or config.mask_readout):
+            raise ValueError("himtok head: readout_queries feeds the readouts; turn on patch_readout or mask_readout")
+        self.queries = MaskQueries(hidden_size, gh * gw) if config.readout_queries else None
         if config.readout_query and not config.patch_readout:
             raise ValueError("himtok head: readout_query gates the patch readout; turn on patch_readout too")
         self.answer_gate = AnswerGate(hidden_size, config.readout_query_dim) if config.readout_query else None
@@ -505,21 +518,28 @@ class HiMTokHead(MaskHead):
         index = self.code_index[labels.clamp(min=0)]
         return torch.where((labels >= 0) & (index >= 0), index, -100)
 
-    def readout_logits(self, ids: torch.Tensor, hidden: torch.Tensor,
-                       query: torch.Tensor | None = None) -> torch.Tensor | None:
+    def readout_logits(self, ids: torch.Tensor, hidden: torch.Tensor, query: torch.Tensor | None = None,
+                       image: torch.Tensor | None = None) -> torch.Tensor | None:
         """``ids (B, T)`` holding the image positions and their last hidden states ``(B, T, D)`` -> the readouts'
         terms for the K code positions' logits ``(B, K, V)`` float (patch readout + mask readout, whichever the
         head has); None without a readout. ``query (B, D)``: the last hidden state at each row's ``<mt_start>``,
-        needed when the readout is gated by the answer (``readout_query``)."""
-        return self._readouts(ids, hidden, query)[0]
+        needed when the readout is gated by the answer (``readout_query``). ``image (B, P, D)``: the mask queries'
+        last hidden states, needed (and read instead of the prefix's image positions) with ``readout_queries``."""
+        return self._readouts(ids, hidden, query, image)[0]
 
-    def _readouts(self, ids: torch.Tensor, hidden: torch.Tensor, query: torch.Tensor | None = None
+    def _readouts(self, ids: torch.Tensor, hidden: torch.Tensor, query: torch.Tensor | None = None,
+                  image: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """``(terms (B, K, V) or None, the mask readout's coarse mask logits (B, h, w) or None, the answer gate's
         logits (B, P) or None)``."""
         if not self.reads_prompt:
             return None, None, None
-        image = hidden[ids == self.image_token_id].view(ids.shape[0], -1, hidden.shape[-1])
+        if (image is not None) != (self.queries is not None):
+            raise ValueError("this himtok head's readouts read its mask queries (readout_queries): pass their hidden "
+                             "states as image" if self.queries is not None else
+                             "this himtok head's readouts read the prompt's image positions, not mask queries")
+        if image is None:
+            image = hidden[ids == self.image_token_id].view(ids.shape[0], -1, hidden.shape[-1])
         codebook = self._codebook(torch.float32)
         terms, coarse, gate = 0.0, None, None
         if self.answer_gate is not None:
@@ -544,16 +564,25 @@ class HiMTokHead(MaskHead):
         index = torch.tensor([min(n, self.num_tokens - 1) for n in steps], device=rows.device)
         # Per row: (the read's key, its terms (K, V)). Ungated, one read per session (key 0); gated, one per mask
         # point (key: the row's number of mask points), so a new <mt_start> reads it afresh.
-        gated = self.answer_gate is not None
+        gated = self.answer_gate is not None or self.queries is not None
         cache: dict[int, tuple[int, torch.Tensor]] = session.state.setdefault(READOUT_KEY, {})
         key = {r: len(session.point_hidden[r]) if gated else 0 for r in rows.tolist()}
         stale = [r for r in key if cache.get(r, (-1,))[0] != key[r]]
         if stale:
             at = torch.tensor(stale, device=rows.device)
             query = torch.stack([session.point_hidden[r][-1] for r in stale]) if gated else None
-            terms = self.readout_logits(session.prompt_ids[at], session.prompt_hidden[at], query)
+            image = self.session_queries(session, stale)[at] if self.queries is not None else None
+            terms = self.readout_logits(session.prompt_ids[at], session.prompt_hidden[at], query, image)
             cache.update({r: (key[r], terms[i]) for i, r in enumerate(stale)})
         return torch.stack([cache[r][1] for r in rows.tolist()])[torch.arange(len(index)), index]
+
+    def session_queries(self, session: "DecodeSession", rows: list[int]) -> torch.Tensor:
+        """The mask queries' last hidden states ``(B, P, D)`` read at the latest mask point of each of ``rows``
+        (one LM pass for the whole batch; other rows' entries are meaningless)."""
+        live = torch.zeros(session.batch_size, dtype=torch.bool, device=session.device)
+        live[rows] = True
+        points = torch.tensor([p[-1] if p else 0 for p in session.mask_points], device=session.device)
+        return run_mask_queries(session, self.queries(session.image_features), points, live)
 
     def soft_codes(self, code_logits: torch.Tensor) -> torch.Tensor:
         """LM logits over the code tokens ``(..., V)`` -> code probabilities ``(..., V)`` (HiMTok's sharpening)."""
@@ -571,6 +600,12 @@ class HiMTokHead(MaskHead):
         the model leaves it on the CPU): HiMTok's targets are the tokenizer's codes of the ground-truth mask."""
         if self._host_tokenizer is None:
             self._host_tokenizer = [copy.deepcopy(self.mask_tokenizer).cpu().eval()]  # a list: not a submodule
+
+    def extra_inputs(self, batch: dict[str, torch.Tensor], image_features: torch.Tensor) -> ExtraInputs | None:
+        """With ``readout_queries``: one mask query per patch after the text, reading it through ``<mt_start>``."""
+        if self.queries is None:
+            return None
+        return query_training_inputs(self.queries(image_features), batch["seg_positions"], batch["attention_mask"])
 
     def text_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """``labels (B, T)`` without the code tokens when ``code_text_ce`` is off (see :class:`HiMTokConfig`)."""
@@ -687,7 +722,8 @@ class HiMTokHead(MaskHead):
             out = {"mask_bce": zero, "mask_dice": zero}
             if self.config.num_prefixes > 0:
                 out["mask_prefix"] = zero
-            parts = [part for part in (self.readout, self.mask_readout, self.answer_gate) if part is not None]
+            parts = [part for part in (self.readout, self.mask_readout, self.answer_gate, self.queries)
+                     if part is not None]
             if parts:  # every parameter in the graph, so that distributed training stays in step
                 out["readout_ce"] = zero + 0.0 * sum(p.sum() for part in parts for p in part.parameters())
             if self.mask_readout is not None:
@@ -702,7 +738,8 @@ class HiMTokHead(MaskHead):
             # The readouts' terms join the code logits everywhere they are read; the text CE trains the LM's own
             # logits, this CE the sum that decoding will use.
             query = text_hidden[rows, start[rows]] if self.answer_gate is not None else None  # at <mt_start>
-            terms, coarse, gate = self._readouts(batch["input_ids"][rows], text_hidden[rows], query)
+            image = extra_hidden[rows] if self.queries is not None else None
+            terms, coarse, gate = self._readouts(batch["input_ids"][rows], text_hidden[rows], query, image)
             code_logits = code_logits.float() + terms
             labels = batch["labels"][rows[:, None], positions + 1]
             targets = self.code_targets(labels)

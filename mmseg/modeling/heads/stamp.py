@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmseg.modeling.heads.base import ExtraInputs, MaskHead, MaskPrediction, register_head
+from mmseg.modeling.heads.mask_queries import query_training_inputs, run_mask_queries
 from mmseg.modeling.losses import bce_loss, dice_loss, downsample_targets
 
 if TYPE_CHECKING:
@@ -126,16 +127,8 @@ class StampHead(MaskHead):
 
     # -- training ---------------------------------------------------------------------------------------
     def extra_inputs(self, batch: dict[str, torch.Tensor], image_features: torch.Tensor) -> ExtraInputs:
-        attention = batch["attention_mask"].bool()
-        b, t = attention.shape
-        p = self.num_queries
-        seg = batch["seg_positions"]  # (B,) index of <seg> in the text, -1 when the answer has no mask
-        has = seg >= 0
-        upto = torch.arange(t, device=seg.device)[None, :] <= seg[:, None]  # (B, T): the prefix through <seg>
-        text_part = (attention & upto)[:, None, :].expand(b, p, t)
-        query_part = has[:, None, None].expand(b, p, p) | torch.eye(p, dtype=torch.bool, device=seg.device)
-        positions = (seg.clamp(min=0) + 1)[:, None].expand(b, p)
-        return ExtraInputs(self.mask_queries(image_features), torch.cat([text_part, query_part], -1), positions)
+        return query_training_inputs(self.mask_queries(image_features), batch["seg_positions"],
+                                     batch["attention_mask"])
 
     def loss(self, batch, text_hidden, text_logits, extra_hidden):
         has = batch["seg_positions"] >= 0
@@ -161,17 +154,11 @@ class StampHead(MaskHead):
         """
         results: list[list[MaskPrediction]] = [[] for _ in range(session.batch_size)]
         most = max((len(points) for points in session.mask_points), default=0)
-        p = self.num_queries
+        queries = self.mask_queries(session.image_features)
         for k in range(most):
             rows = torch.tensor([len(points) > k for points in session.mask_points], device=session.device)
             seg = torch.tensor([points[k] if len(points) > k else 0 for points in session.mask_points], device=session.device)
-            length = session.cache_length
-            upto = torch.arange(length, device=session.device)[None, :] <= seg[:, None]
-            text_part = (session.cache_valid & upto & rows[:, None])[:, None, :].expand(-1, p, -1)
-            query_part = rows[:, None, None].expand(-1, p, p) | torch.eye(p, dtype=torch.bool, device=session.device)
-            attention = torch.cat([text_part, query_part], -1)[:, None]  # (B, 1, P, L + P)
-            positions = (session.positions_of(seg) + 1)[:, None].expand(-1, p)
-            hidden = session.run_extra(self.mask_queries(session.image_features), attention, positions)  # crops back
+            hidden = run_mask_queries(session, queries, seg, rows)  # crops the cache back
             seg_hidden = torch.stack([
                 points[k] if len(points) > k else torch.zeros_like(hidden[0, 0]) for points in session.point_hidden
             ])
