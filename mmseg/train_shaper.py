@@ -112,8 +112,10 @@ class ShapingObjective(nn.Module):
         t = ids.shape[1]
         k = head.num_tokens
         with torch.no_grad():  # the frozen model's teacher-forced pass: where the shaper reads its states
-            embeds, _ = model.embed_inputs(ids, batch["pixel_values"])
-            hidden = model.text_hidden(embeds, ids, attention)
+            embeds, features = model.embed_inputs(ids, batch["pixel_values"])
+            extra = head.extra_inputs(batch, features)  # the head's mask queries, when its readouts read them
+            hidden = model.text_hidden(embeds, ids, attention, extra)
+            hidden, queries = hidden[:, :t], hidden[:, t:]
         start = batch["seg_positions"]
         rows = (start >= 0).nonzero()[:, 0]
         if rows.numel():  # as HiMTok's loss: spans the answer trains, all K codes inside the sequence
@@ -147,12 +149,16 @@ class ShapingObjective(nn.Module):
         shift, steer = head.shift(model, recent, recent_valid, memory, memory_valid, p, i)  # the only grad paths
         shaped = embeds.clone()
         shaped[rows, pos] = shaped[rows, pos] + shift.to(shaped.dtype)
-        shaped_hidden = model.text_hidden(shaped, ids, attention)
+        shaped_hidden = model.text_hidden(shaped, ids, attention, extra)
+        shaped_hidden, shaped_queries = shaped_hidden[:, :t], shaped_hidden[:, t:]
         code_pos = s[:, None] + torch.arange(k, device=ids.device)[None]  # logits here predict the K codes
         output = model.lm.get_output_embeddings()
         code_logits = output(shaped_hidden[rows[:, None], code_pos]).index_select(-1, head.code_token_ids).float()
-        # (N, K, V) from the prompt (and the <mt_start> state, when the readout is gated); None without a readout
-        readout = head.readout_logits(ids[rows], hidden[rows], hidden[rows, s])
+        # (N, K, V) from the prompt (and the <mt_start> state and the mask queries, when the head has them); None
+        # without a readout. Read from the shaped pass, as decoding reads them: a shift injected at <mt_start>
+        # (steer_start) reaches the gate's query and the queries; one after it changes neither.
+        readout = head.readout_logits(ids[rows], shaped_hidden[rows], shaped_hidden[rows, s],
+                                      shaped_queries[rows] if head.queries is not None else None)
         if readout is not None:
             code_logits = code_logits + readout
         if steer is not None:  # steer_codes: terms for the shaped rows' later codes only
@@ -164,7 +170,8 @@ class ShapingObjective(nn.Module):
         with torch.no_grad():
             base_logits = output(hidden[rows[:, None], code_pos]).index_select(-1, head.code_token_ids).float()
             if readout is not None:
-                base_logits = base_logits + readout
+                base_logits = base_logits + head.readout_logits(ids[rows], hidden[rows], hidden[rows, s],
+                                                                queries[rows] if head.queries is not None else None)
             base_ce = F.cross_entropy(base_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         cfg = head.config
         bce, dice, terms = head.hierarchical_loss(head.soft_codes(code_logits), batch["mask_targets"][rows],

@@ -772,17 +772,19 @@ def test_patch_readout_joins_the_code_logits_when_decoding(tokenizer_dir):
     assert with_readout[1 : K + 1] != without[1 : K + 1]
 
 
-@pytest.mark.parametrize("option", ["patch_readout", "mask_readout", "readout_query"])
+@pytest.mark.parametrize("option", ["patch_readout", "mask_readout", "readout_query", "readout_queries"])
 def test_the_shaper_keeps_the_readouts(tokenizer_dir, option):
     """A shaper built on a HiMTok model with a readout reads the same code logits: readout weights carried over, the
     same readout_ce on a batch, and the readout joins the shaper's own code logits when it decodes."""
     from mmseg.modeling.heads.shaper import shaper_from_himtok
 
-    options = {option: True, "patch_readout": True} if option == "readout_query" else {option: True}
+    options = {option: True, "patch_readout": True} if option.startswith("readout_") else {option: True}
+    if option == "readout_queries":
+        options["readout_query"] = True
     model, proc = _model(tokenizer_dir, seed=5, **options)
-    part = {"patch_readout": "readout", "mask_readout": "mask_readout", "readout_query": "answer_gate"}[option]
-    {"patch_readout": _randomise_readout, "mask_readout": _randomise_mask_readout,
-     "readout_query": _randomise_readout}[option](model)
+    part = {"patch_readout": "readout", "mask_readout": "mask_readout", "readout_query": "answer_gate",
+            "readout_queries": "queries"}[option]
+    {"mask_readout": _randomise_mask_readout}.get(option, _randomise_readout)(model)
     batch = _batch(proc, model.head, _square_mask())
     with torch.no_grad():
         torch.manual_seed(0)

@@ -617,3 +617,32 @@ def test_code_steer_joins_decoding_and_stage_one(pair, monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the presets' mixed precision
         mixed = _generate(shaper, proc, QUERIES[:1], invoke="always")
     assert mixed.masks[0][0].info["invocations"] == 4 and torch.isfinite(mixed.masks[0][0].logits.float()).all()
+
+
+def test_stage_one_reads_the_mask_queries_as_decoding_does(tokenizer_dir, monkeypatch):
+    """On a HiMTok model whose readouts read mask queries, stage 1 runs the queries in both teacher-forced passes:
+    with a zero shift its CE is the unshaped one, and a shift at <mt_start> (steer_start) reaches the readout."""
+    import dataclasses
+
+    from mmseg.train_shaper import ShapingObjective
+
+    himtok, proc = _model(tokenizer_dir, seed=2, patch_readout=True, readout_query=True, readout_queries=True)
+    with torch.no_grad():
+        for p in himtok.head.readout.up.parameters():
+            p.normal_()
+    shaper = shaper_from_himtok(himtok, proc).eval()
+    _wake(shaper)
+    monkeypatch.setattr(shaper.head, "constrain", _opening_constrain(shaper.head, proc.eos_token_id))
+    monkeypatch.setattr(shaper.head, "config", dataclasses.replace(shaper.head.config, steer_start=True))
+    _, _, batch = _shaped_rollout(shaper, proc, QUERIES[0], monkeypatch)
+    objective = ShapingObjective(shaper)
+    with torch.no_grad():
+        shaped = objective(batch, torch.tensor([-1]))
+        seen = []
+        original = shaper.head.readout_logits
+        monkeypatch.setattr(shaper.head, "readout_logits", lambda *a: seen.append(original(*a)) or seen[-1])
+        shaper.head.control.strengths.zero_()
+        zero = objective(batch, torch.tensor([-1]))
+    assert all(torch.isfinite(v) for v in shaped.values()) and shaped["shaped_ce"] != shaped["base_ce"]
+    torch.testing.assert_close(zero["shaped_ce"], zero["base_ce"])
+    assert len(seen) == 2 and seen[0].shape == (1, K, shaper.head.codebook_size)
