@@ -175,7 +175,7 @@ class ShapingObjective(nn.Module):
             base_ce = F.cross_entropy(base_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         cfg = head.config
         bce, dice, terms = head.hierarchical_loss(head.soft_codes(code_logits), batch["mask_targets"][rows],
-                                                  *head.sample_prefix_rows(n))
+                                                  *head.sample_prefix_rows(n), pixel_values=batch["pixel_values"][rows])
         w = cfg.mask_loss_weight
         out = {"shaped_ce": cfg.shaper_ce_weight * ce, "mask_bce": w * bce, "mask_dice": w * cfg.dice_weight * dice,
                "mask_prefix": w * cfg.prefix_weight * (terms.mean() if terms.numel() else bce * 0.0)}

@@ -185,8 +185,8 @@ def test_the_model_loss_averages_all_sampled_prefixes(himtok, monkeypatch):
     captured = {}
     original = head.hierarchical_loss
 
-    def spy(probs, target, prefixes, prefix_rows=None):
-        out = original(probs, target, prefixes, prefix_rows)
+    def spy(probs, target, prefixes, prefix_rows=None, **kw):
+        out = original(probs, target, prefixes, prefix_rows, **kw)
         captured.update(rows=probs.shape[0], prefixes=prefixes, terms=out[2])
         return out
 
@@ -207,7 +207,7 @@ def test_mask_loss_samples_caps_the_decoded_rows(himtok, monkeypatch):
     monkeypatch.setattr(head, "config", dataclasses.replace(head.config, mask_loss_samples=1))
     seen = []
     original = head.hierarchical_loss
-    monkeypatch.setattr(head, "hierarchical_loss", lambda probs, *a: seen.append(probs.shape[0]) or original(probs, *a))
+    monkeypatch.setattr(head, "hierarchical_loss", lambda probs, *a, **kw: seen.append(probs.shape[0]) or original(probs, *a, **kw))
     with torch.no_grad():
         losses = model(_batch(proc, head, _square_mask()))
     assert seen == [1] and all(torch.isfinite(v) for v in losses.values())
@@ -240,8 +240,8 @@ def test_prefix_samples_decodes_prefixes_of_a_subset_only(himtok, monkeypatch):
     seen = []
     original = head.hierarchical_loss
     monkeypatch.setattr(head, "hierarchical_loss",
-                        lambda probs, target, pre, at=None: seen.append((probs.shape[0], pre.shape[0]))
-                        or original(probs, target, pre, at))
+                        lambda probs, target, pre, at=None, **kw: seen.append((probs.shape[0], pre.shape[0]))
+                        or original(probs, target, pre, at, **kw))
     with torch.no_grad():
         losses = model(_batch(proc, head, _square_mask()))
     assert seen == [(2, 1)] and all(torch.isfinite(v) for v in losses.values())
@@ -1076,3 +1076,74 @@ def test_query_readout_options_and_inputs_fail_clearly(tokenizer_dir):
     plain, _ = _gated(tokenizer_dir)
     with pytest.raises(ValueError, match="not mask queries"):
         plain.head.readout_logits(prompt, hidden, hidden[:, -1], image=torch.randn(1, 64, hidden.shape[-1]))
+
+
+# -- the mask refiner ------------------------------------------------------------------------------------------
+def _refining(tokenizer_dir, seed: int = 9):
+    model, proc = _model(tokenizer_dir, seed=seed, refine_channels=8)
+    with torch.no_grad():  # as training would leave it: a non-zero residual
+        model.head.refiner.fuse[-1].weight.normal_(0, 0.5)
+    return model, proc
+
+
+def test_a_new_refiner_changes_nothing_and_a_trained_one_reads_the_image(tokenizer_dir):
+    model, _ = _model(tokenizer_dir, refine_channels=8)
+    head = model.head
+    probs = torch.softmax(torch.randn(2, K, CODES) * 3, -1)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = head.decode_probs(probs)
+        torch.testing.assert_close(head.decode_probs(probs, pixel_values=pixels), plain)
+        head.refiner.fuse[-1].weight.normal_(0, 0.5)
+        refined = head.decode_probs(probs, pixel_values=pixels)
+        other = head.decode_probs(probs, pixel_values=pixels.flip(-1))
+    assert refined.shape == plain.shape and not torch.allclose(refined, plain) and not torch.allclose(refined, other)
+    with pytest.raises(ValueError, match="images"):
+        head.refiner(plain, pixels[:1])
+    with pytest.raises(ValueError, match="refine_channels"):
+        _model(tokenizer_dir, refine_channels=-1)
+
+
+def test_the_refiner_trains_through_the_full_decode_loss(tokenizer_dir):
+    """The mask loss scores the refined full decode (what decoding returns), so the refiner trains; with no mask in
+    the batch its parameters stay in the graph (distributed training)."""
+    model, proc = _refining(tokenizer_dir)
+    head = model.head
+    batch = _batch(proc, head, _square_mask())
+    model.train()
+    out = model(batch)
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.refiner.parameters())
+    model.zero_grad()
+    none = _batch(proc, head, _square_mask())
+    none["seg_positions"].fill_(-1)
+    out = model(none)
+    assert float(out["mask_bce"].detach()) == 0
+    out["loss"].backward()
+    assert all(p.grad is not None for p in head.refiner.parameters())
+
+
+def test_decoding_refines_each_mask_against_its_own_image(tokenizer_dir, monkeypatch, tmp_path):
+    model, proc = _refining(tokenizer_dir)
+    head = model.head
+    monkeypatch.setattr(head, "constrain", _opening_constrain(head, proc.eos_token_id))
+    prompts = [proc.encode_chat([{"role": "user", "content": q}])[0] for q in ("the red circle", "the blue square")]
+    pixels = torch.randn(2, 3, 64, 64)
+    gen = generate(model, prompts, pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
+                   max_new_tokens=4)
+    # each refined mask is the unrefined decode of the same soft codes, refined against the row's own image
+    refiner, head.refiner = head.refiner, None
+    try:
+        plain = generate(model, prompts, pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
+                         max_new_tokens=4)
+    finally:
+        head.refiner = refiner
+    for row in range(2):
+        assert gen.tokens[row] == plain.tokens[row]
+        with torch.no_grad():
+            expected = head.refiner(plain.masks[row][0].logits[None], pixels[row:row + 1])[0]
+        torch.testing.assert_close(gen.masks[row][0].logits, expected, atol=1e-4, rtol=1e-4)
+    Segmenter(model, proc).save_pretrained(tmp_path)
+    loaded = Segmenter.from_pretrained(tmp_path, device="cpu").model.head
+    for a, b in zip(loaded.refiner.parameters(), head.refiner.parameters()):
+        torch.testing.assert_close(a, b)

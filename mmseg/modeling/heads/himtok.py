@@ -134,6 +134,13 @@ class HiMTokConfig:
     # STAMP's queries follow it, and its masks follow the words (session 18, ``benchmarks/description.py``).
     # Needs ``patch_readout`` or ``mask_readout``.
     readout_queries: bool = False
+    # Sharpen every decoded mask against the image (see MaskRefiner): a small convolutional net over the pixels and
+    # the tokenizer's decoded mask adds a residual to its logits, zero at the start. It is trained through the full
+    # decode's mask loss (the loss scores the mask decoding returns), so the codes still say where and what shape,
+    # and the refiner puts the edges where the image has them. ``refine_channels`` 0 = off.
+    # Why: the frozen tokenizer's own round trip caps every mask (IoU 0.874 at k = 32 for synthref-himtok's), while
+    # STAMP, which draws from the pixels, reaches cIoU 0.93 given the true description.
+    refine_channels: int = 0
     # Score the code tokens in the shared text cross-entropy too (as HiMTok). Off: the text CE scores the answer's
     # words (and <mt_start> / <mt_end>) only, and the codes are trained by ``readout_ce`` (the CE of the summed
     # logits decoding uses) and the mask loss; needs a readout. Why: the text CE is a mean over scored tokens, and
@@ -316,6 +323,38 @@ class AnswerGate(torch.nn.Module):
         return (k @ q[..., None])[..., 0] * self.scale + self.bias  # (B, P)
 
 
+class MaskRefiner(torch.nn.Module):
+    """Decoded mask logits ``(N, m, m)`` and the images ``(N, 3, S, S)`` -> refined logits ``(N, m, m)``.
+
+    A stride-2 convolutional stem over the pixels (resized to ``m`` when ``S != 2m``), joined with the mask (its
+    probability and its clipped logits), two 3x3 convolutions and a 1x1 to a residual on the logits. The last layer
+    starts at zero, so a new refiner returns the tokenizer's mask unchanged.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"refine_channels must be >= 1 to refine, got {channels}")
+        c = channels
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, c, 3, stride=2, padding=1), torch.nn.GELU(),
+                                        torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.GELU())
+        self.fuse = torch.nn.Sequential(torch.nn.Conv2d(c + 2, c, 3, padding=1), torch.nn.GELU(),
+                                        torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.GELU(),
+                                        torch.nn.Conv2d(c, 1, 1))
+        torch.nn.init.zeros_(self.fuse[-1].weight)
+        torch.nn.init.zeros_(self.fuse[-1].bias)
+
+    def forward(self, logits: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        if logits.shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"{logits.shape[0]} masks to refine against {pixel_values.shape[0]} images")
+        stem = self.stem(pixel_values.to(self.stem[0].weight.dtype))
+        if stem.shape[-2:] != logits.shape[-2:]:
+            stem = F.interpolate(stem, size=logits.shape[-2:], mode="bilinear", align_corners=False)
+        mask = logits[:, None].to(stem.dtype)
+        delta = self.fuse(torch.cat([stem, torch.sigmoid(mask), mask.clamp(-10, 10) / 10], dim=1))[:, 0]
+        return logits + delta.to(logits.dtype)
+
+
 class MaskReadout(torch.nn.Module):
     """Image positions' last hidden states ``(B, gh * gw, D)`` (row-major) -> a coarse mask of the referent,
     ``(B, gh * s, gw * s)`` logits (``s`` = ``upsample``): ``LayerNorm -> Linear(D, s * s)`` per position, each
@@ -414,6 +453,7 @@ class HiMTokHead(MaskHead):
         if not config.code_text_ce and not (config.patch_readout or config.mask_readout):
             raise ValueError("himtok head: code_text_ce false leaves the code tokens to the readouts' cross-entropy; "
                              "turn on patch_readout or mask_readout, or keep code_text_ce true")
+        self.refiner = MaskRefiner(config.refine_channels) if config.refine_channels else None
         self.mask_readout = None
         if config.mask_readout:
             self.mask_readout = MaskReadout(hidden_size, (gh, gw), config.mask_readout_upsample,
@@ -588,11 +628,16 @@ class HiMTokHead(MaskHead):
         """LM logits over the code tokens ``(..., V)`` -> code probabilities ``(..., V)`` (HiMTok's sharpening)."""
         return torch.softmax(self.config.soft_temperature * code_logits.float(), dim=-1)
 
-    def decode_probs(self, probs: torch.Tensor, keep: int | torch.Tensor | None = None) -> torch.Tensor:
+    def decode_probs(self, probs: torch.Tensor, keep: int | torch.Tensor | None = None,
+                     pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Code probabilities ``(N, n, V)`` -> mask logits ``(N, m, m)`` at the tokenizer's ``mask_size``, using
-        the first ``keep`` positions (an int or ``(N,)``); differentiable w.r.t. ``probs``."""
+        the first ``keep`` positions (an int or ``(N,)``); differentiable w.r.t. ``probs``. With a refiner, pass
+        the images ``pixel_values (N, 3, S, S)``: the masks are refined against them (without, not refined)."""
         dtype = self.mask_tokenizer.quantizer.codebook.dtype
-        return self.mask_tokenizer.decode_soft(probs.to(dtype), keep=keep).float()
+        logits = self.mask_tokenizer.decode_soft(probs.to(dtype), keep=keep).float()
+        if self.refiner is not None and pixel_values is not None:
+            logits = self.refiner(logits, pixel_values).float()
+        return logits
 
     # -- training ---------------------------------------------------------------------------------------
     def host_targets(self) -> None:
@@ -670,14 +715,17 @@ class HiMTokHead(MaskHead):
         return self.config.prefix_blur * side * (self.num_tokens - k) / max(1, self.num_tokens - 1)
 
     def hierarchical_loss(self, probs: torch.Tensor, target: torch.Tensor, prefixes: torch.Tensor,
-                          prefix_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          prefix_rows: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The mask loss of HiMTok, unweighted.
 
         ``probs (N, K, V)`` soft codes, ``target (N, S, S)`` in [0, 1], ``prefixes (M, P)`` prefix lengths for the
         masks ``prefix_rows (M,)`` (indices into N; default: all N masks, in order).
         Returns ``(bce, dice)`` of the full decode of all N and ``prefix_terms (P,)``: column ``j`` is
         ``BCE + dice_weight * Dice`` of every one of the M masks decoded from its ``prefixes[:, j]`` first codes
-        against its blurred target. All decodes share ONE decoder pass.
+        against its blurred target. All decodes share ONE decoder pass. With a refiner and ``pixel_values (N, 3,
+        S, S)``, the full decodes are refined before they are scored (as decoding returns them); the prefixes,
+        scored against blurred targets, are not.
         """
         n, k, _ = probs.shape
         m, p = prefixes.shape
@@ -691,7 +739,10 @@ class HiMTokHead(MaskHead):
         logits = self.decode_probs(decoded, keep)
         side = logits.shape[-2:]
         soft_target = downsample_targets(target, side)
-        bce, dice = bce_loss(logits[:n], soft_target), dice_loss(logits[:n], soft_target)
+        full = logits[:n]
+        if self.refiner is not None and pixel_values is not None:
+            full = self.refiner(full, pixel_values).float()
+        bce, dice = bce_loss(full, soft_target), dice_loss(full, soft_target)
         prefix_target = soft_target[prefix_rows]
         terms = []
         for j in range(p):
@@ -719,12 +770,14 @@ class HiMTokHead(MaskHead):
         w = self.config.mask_loss_weight
         zero = text_logits.sum() * 0.0
         if rows.numel() == 0:
-            out = {"mask_bce": zero, "mask_dice": zero}
+            # every parameter in the graph, so that distributed training stays in step
+            refiner = 0.0 * sum(p.sum() for p in self.refiner.parameters()) if self.refiner is not None else 0.0
+            out = {"mask_bce": zero + refiner, "mask_dice": zero}
             if self.config.num_prefixes > 0:
                 out["mask_prefix"] = zero
             parts = [part for part in (self.readout, self.mask_readout, self.answer_gate, self.queries)
                      if part is not None]
-            if parts:  # every parameter in the graph, so that distributed training stays in step
+            if parts:
                 out["readout_ce"] = zero + 0.0 * sum(p.sum() for part in parts for p in part.parameters())
             if self.mask_readout is not None:
                 out["readout_mask"] = zero
@@ -754,7 +807,8 @@ class HiMTokHead(MaskHead):
             pick = random_subset(rows.numel(), self.config.mask_loss_samples, rows.device)
             rows, code_logits = rows[pick], code_logits[pick]
         probs = self.soft_codes(code_logits)
-        bce, dice, terms = self.hierarchical_loss(probs, batch["mask_targets"][rows], *self.sample_prefix_rows(len(rows)))
+        bce, dice, terms = self.hierarchical_loss(probs, batch["mask_targets"][rows], *self.sample_prefix_rows(len(rows)),
+                                                  pixel_values=batch["pixel_values"][rows])
         out.update({"mask_bce": w * bce, "mask_dice": w * self.config.dice_weight * dice})
         if self.config.num_prefixes > 0:
             out["mask_prefix"] = w * self.config.prefix_weight * (terms.mean() if terms.numel() else zero)
@@ -869,7 +923,8 @@ class HiMTokHead(MaskHead):
                 jobs.setdefault(len(codes), []).append((row, j, probs, codes))
         for length, items in jobs.items():
             used = min(keep, length)
-            logits = self.decode_probs(torch.stack([item[2] for item in items]), used)
+            pixels = session.pixel_values[[item[0] for item in items]] if self.refiner is not None else None
+            logits = self.decode_probs(torch.stack([item[2] for item in items]), used, pixels)
             for (row, j, _, codes), mask in zip(items, logits):
                 info: dict[str, Any] = {"keep_tokens": used, "mask_tokens": codes}
                 if length < self.num_tokens:
