@@ -132,7 +132,11 @@ class HiMTokConfig:
     # :mod:`mmseg.modeling.heads.mask_queries`). One more LM pass per mask point, at the vision tower's full grid
     # even when the prefix merges patches (``image_merge``). Why: the prefix's image positions precede the answer;
     # STAMP's queries follow it, and its masks follow the words (session 18, ``benchmarks/description.py``).
-    # Needs ``patch_readout`` or ``mask_readout``.
+    # Needs ``patch_readout`` or ``mask_readout``. Measured (session 19, with ``readout_query``, ``image_merge`` 2,
+    # ``code_text_ce`` off, batch 64, lr 1.4e-3, ``mask_loss_samples`` 32, both cores): in-run val cIoU 0.262 at
+    # 1,000 steps (the same recipe without the queries, session 18: 0.182; the committed run: 0.239), but 42-46
+    # samples/s against 80-109: the 64 queries ride on every row and nearly double the LM's tokens, so 60 minutes
+    # would give ~2,300 steps. Stopped there; off in the presets.
     readout_queries: bool = False
     # Sharpen every decoded mask against the image (see MaskRefiner): a small convolutional net over the pixels and
     # the tokenizer's decoded mask adds a residual to its logits, zero at the start. It is trained through the full
