@@ -77,6 +77,25 @@ def test_never_gives_exactly_the_himtok_outputs(forced):
     assert x.text == y.text and np.array_equal(x.logits[0], y.logits[0])
 
 
+def test_never_gives_exactly_the_outputs_of_a_himtok_model_with_every_part(tokenizer_dir, monkeypatch):
+    """A HiMTok model with the query readout, the answer gate and the mask refiner (trained, here randomised): the
+    shaper carries every part over, so a silent shaper still returns exactly its masks."""
+    himtok, proc = _model(tokenizer_dir, seed=2, patch_readout=True, readout_query=True, readout_queries=True,
+                          refine_channels=4)
+    with torch.no_grad():
+        for p in (*himtok.head.readout.up.parameters(), *himtok.head.refiner.fuse[-1].parameters()):
+            p.normal_()
+    base_head = himtok.head
+    monkeypatch.setattr(base_head, "constrain", _opening_constrain(base_head, proc.eos_token_id))
+    base = _generate(himtok, proc, QUERIES)
+    shaper = shaper_from_himtok(himtok, proc).eval()
+    monkeypatch.setattr(shaper.head, "constrain", _opening_constrain(shaper.head, proc.eos_token_id))
+    never = _generate(shaper, proc, QUERIES, invoke="never")
+    assert never.tokens == base.tokens
+    for row in range(len(QUERIES)):
+        assert torch.equal(base.masks[row][0].logits, never.masks[row][0].logits)
+
+
 @pytest.mark.parametrize("options", [{}, {"steer_codes": True}])
 def test_an_untrained_shaper_changes_nothing_even_when_invoked(tokenizer_dir, monkeypatch, options):
     """The control MLP's last layer (and the code steer) start at zero: training starts exactly from HiMTok's

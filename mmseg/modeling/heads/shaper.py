@@ -405,7 +405,7 @@ def shaper_from_himtok(model: "MMSegModel", processor: Any, options: dict[str, A
     model.unhook()  # the new model re-adds the grounder's hook, the new head the adapter's (same weights, below)
     head.bind(processor, model.lm)
     # the HiMTok head's own learned parts, when it has them
-    for part in ("adapter", "readout", "mask_readout", "answer_gate", "queries"):
+    for part in ("adapter", "readout", "mask_readout", "answer_gate", "queries", "refiner"):
         if getattr(model.head, part) is not None:
             getattr(head, part).load_state_dict(getattr(model.head, part).state_dict())
     config = dataclasses.replace(model.config, head=merged)
