@@ -408,7 +408,9 @@ class MaskReadout(torch.nn.Module):
 class HiMTokHead(MaskHead):
     name = "himtok"
     config_cls = HiMTokConfig
-    option_names: tuple[str, ...] = ("keep_tokens",)  # per-call options; subclasses extend (check_options)
+    # Per-call options; subclasses extend (check_options). ``refine=False``: the tokenizer's own decode, unrefined
+    # (a head without a refiner ignores it).
+    option_names: tuple[str, ...] = ("keep_tokens", "refine")
 
     def __init__(self, config: HiMTokConfig, hidden_size: int, image_size: int, grid_size: tuple[int, int],
                  asset_dir: Path | None = None, prefix_grid: tuple[int, int] | None = None) -> None:
@@ -833,6 +835,8 @@ class HiMTokHead(MaskHead):
     def check_options(self, options: dict[str, Any]) -> None:
         super().check_options(options)
         self.keep_tokens(options)
+        if not isinstance(options.get("refine", True), bool):
+            raise ValueError(f"refine must be True or False, got {options['refine']!r}")
 
     def _open_span(self, tokens: list[int]) -> int | None:
         """How many codes follow an unclosed ``<mt_start>`` at the end of ``tokens``; None when none is open."""
@@ -929,7 +933,8 @@ class HiMTokHead(MaskHead):
                 jobs.setdefault(len(codes), []).append((row, j, probs, codes))
         for length, items in jobs.items():
             used = min(keep, length)
-            pixels = session.pixel_values[[item[0] for item in items]] if self.refiner is not None else None
+            refine = self.refiner is not None and session.options.get("refine", True)
+            pixels = session.pixel_values[[item[0] for item in items]] if refine else None
             logits = self.decode_probs(torch.stack([item[2] for item in items]), used, pixels)
             for (row, j, _, codes), mask in zip(items, logits):
                 info: dict[str, Any] = {"keep_tokens": used, "mask_tokens": codes}
