@@ -24,7 +24,7 @@ from mmseg.predictor import Segmenter  # noqa: E402
 
 
 @torch.no_grad()  # scoped: importing and calling main() leaves autograd as it was
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="checkpoints/synthref-stamp")
     parser.add_argument("--data", required=True)
@@ -33,23 +33,30 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--keep-tokens", type=int, nargs="*", default=[],
                         help="coarse-to-fine heads: also score each split with only the first k mask tokens")
+    parser.add_argument("--no-refine-mask", action="store_true",
+                        help="heads with a mask refiner (HiMTok refine_channels): score the tokenizer's own decodes")
     parser.add_argument("--json", default="benchmarks/results/synthref_eval.json")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (figures may differ in the last digits: other kernels)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     seg = Segmenter.from_pretrained(args.model, device=args.device)
-    results: dict = {"model": args.model, "data": args.data, "head": seg.head_name}
+    options = {}
+    if args.no_refine_mask:
+        if "refine_mask" not in seg.head_options:
+            parser.error(f"--no-refine-mask: the {seg.head_name} head of {args.model} has no mask refiner option")
+        options["refine_mask"] = False
+    results: dict = {"model": args.model, "data": args.data, "head": seg.head_name, "options": options}
     for split in args.splits:
         ds = ReferDataset(args.data, "synthref", "unc", split)
         step = max(1, len(ds) // args.limit) if args.limit else 1
         indices = list(range(0, len(ds), step))[: args.limit]
         start = time.perf_counter()
         with torch.autocast(seg.model.device.type, dtype=torch.bfloat16):
-            results[split] = evaluate_refer(seg, ds, indices, batch_size=args.batch_size, progress=True)
+            results[split] = evaluate_refer(seg, ds, indices, batch_size=args.batch_size, progress=True, **options)
         results[split]["seconds"] = round(time.perf_counter() - start, 1)
         for k in args.keep_tokens:
             with torch.autocast(seg.model.device.type, dtype=torch.bfloat16):
-                r = evaluate_refer(seg, ds, indices, batch_size=args.batch_size, keep_tokens=k)
+                r = evaluate_refer(seg, ds, indices, batch_size=args.batch_size, keep_tokens=k, **options)
             results[split].setdefault("keep_tokens", {})[k] = {m: r[m] for m in ("ciou", "giou", "prec@0.5")}
     qa = read_qa(args.data, "val")
     if args.limit:

@@ -78,7 +78,7 @@ class Segmenter:
 
     @property
     def head_options(self) -> tuple[str, ...]:
-        """Per-call options this model's head accepts (e.g. ``("keep_tokens", "refine")`` for HiMTok)."""
+        """Per-call options this model's head accepts (e.g. ``("keep_tokens", "refine_mask")`` for HiMTok)."""
         return tuple(self.model.head.option_names)
 
     # -- queries ----------------------------------------------------------------------------------------

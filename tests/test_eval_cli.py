@@ -142,6 +142,13 @@ def test_throughput_benchmark_runs(ckpt, synthref_root, tmp_path, capsys):
     assert "| batch size | samples | seconds | samples/s |" in capsys.readouterr().out
 
 
+def test_synthref_eval_no_refine_mask_needs_a_head_that_refines(ckpt, synthref_root, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _benchmark("synthref_eval").main(["--model", str(ckpt), "--data", str(synthref_root), "--no-refine-mask",
+                                          "--json", str(tmp_path / "e.json")])
+    assert "the stamp head" in capsys.readouterr().err and not (tmp_path / "e.json").exists()
+
+
 def test_parquet_layout_from_the_command_line(capsys, ckpt, tmp_path):
     from test_eval_runner import write_parquet
 

@@ -1143,14 +1143,14 @@ def test_decoding_refines_each_mask_against_its_own_image(tokenizer_dir, monkeyp
         with torch.no_grad():
             expected = head.refiner(plain.masks[row][0].logits[None], pixels[row:row + 1])[0]
         torch.testing.assert_close(gen.masks[row][0].logits, expected, atol=1e-4, rtol=1e-4)
-    # refine=False per call: the tokenizer's own decode; anything but a bool is a clear error
+    # refine_mask=False per call: the tokenizer's own decode; anything but a bool is a clear error
     raw = generate(model, prompts, pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
-                   max_new_tokens=4, options={"refine": False})
+                   max_new_tokens=4, options={"refine_mask": False})
     for row in range(2):
         torch.testing.assert_close(raw.masks[row][0].logits, plain.masks[row][0].logits)
-    with pytest.raises(ValueError, match="refine must be"):
+    with pytest.raises(ValueError, match="refine_mask must be"):
         generate(model, prompts, pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
-                 options={"refine": "no"})
+                 options={"refine_mask": "no"})
     Segmenter(model, proc).save_pretrained(tmp_path)
     loaded = Segmenter.from_pretrained(tmp_path, device="cpu").model.head
     for a, b in zip(loaded.refiner.parameters(), head.refiner.parameters()):

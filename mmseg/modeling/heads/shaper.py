@@ -145,7 +145,7 @@ def pool_prompt(hidden: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
 class ShaperHead(HiMTokHead):
     name = "shaper"
     config_cls = ShaperConfig
-    option_names = ("keep_tokens", "refine", "invoke", "sample_seed")
+    option_names = ("keep_tokens", "refine_mask", "invoke", "sample_seed")
 
     def __init__(self, config: ShaperConfig, hidden_size: int, image_size: int, grid_size: tuple[int, int],
                  asset_dir: Path | None = None, prefix_grid: tuple[int, int] | None = None) -> None:
