@@ -1016,6 +1016,18 @@ def test_code_text_ce_off_needs_a_readout(tokenizer_dir):
 
 
 # -- mask queries as the readouts' source ----------------------------------------------------------------------
+def _assert_maskless_batch_keeps(model, proc, part: torch.nn.Module, term: str) -> None:
+    """With no mask in the batch, ``term`` is zero and every parameter of ``part`` is still in the graph (distributed
+    training needs every parameter to receive a gradient, even a zero one)."""
+    model.zero_grad()
+    none = _batch(proc, model.head, _square_mask())
+    none["seg_positions"].fill_(-1)
+    out = model(none)
+    assert float(out[term].detach()) == 0
+    out["loss"].backward()
+    assert all(p.grad is not None for p in part.parameters())
+
+
 def _queried(tokenizer_dir, seed: int = 9):
     model, proc = _model(tokenizer_dir, seed=seed, patch_readout=True, readout_query=True, readout_queries=True)
     _randomise_readout(model)
@@ -1034,13 +1046,7 @@ def test_query_readout_trains_every_part_from_the_queries(tokenizer_dir):
     out["loss"].backward()
     for part in (head.queries, head.answer_gate, head.readout):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
-    model.zero_grad()
-    none = _batch(proc, head, _square_mask())
-    none["seg_positions"].fill_(-1)
-    out = model(none)
-    assert float(out["readout_gate"].detach()) == 0
-    out["loss"].backward()
-    assert all(p.grad is not None for p in head.queries.parameters())
+    _assert_maskless_batch_keeps(model, proc, head.queries, "readout_gate")
 
 
 def test_query_readout_decodes_as_it_was_trained(tokenizer_dir, monkeypatch):
@@ -1114,13 +1120,7 @@ def test_the_refiner_trains_through_the_full_decode_loss(tokenizer_dir):
     out = model(batch)
     out["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.refiner.parameters())
-    model.zero_grad()
-    none = _batch(proc, head, _square_mask())
-    none["seg_positions"].fill_(-1)
-    out = model(none)
-    assert float(out["mask_bce"].detach()) == 0
-    out["loss"].backward()
-    assert all(p.grad is not None for p in head.refiner.parameters())
+    _assert_maskless_batch_keeps(model, proc, head.refiner, "mask_bce")
 
 
 def test_decoding_refines_each_mask_against_its_own_image(tokenizer_dir, monkeypatch, tmp_path):
