@@ -665,3 +665,37 @@ def test_stage_one_reads_the_mask_queries_as_decoding_does(tokenizer_dir, monkey
     assert all(torch.isfinite(v) for v in shaped.values()) and shaped["shaped_ce"] != shaped["base_ce"]
     torch.testing.assert_close(zero["shaped_ce"], zero["base_ce"])
     assert len(seen) == 2 and seen[0].shape == (1, K, shaper.head.codebook_size)
+
+
+@pytest.mark.parametrize("option", ["readout_query", "readout_queries"])
+def test_steer_start_reads_a_mask_point_readout_before_the_point_is_recorded(tokenizer_dir, monkeypatch, option):
+    """With ``steer_start`` the entropy and learned invokers read the readout at <mt_start> itself, inside
+    after_step, before decoding records that mask point's state: the read takes the state just computed and is not
+    kept, so the next constrain reads the shaped <mt_start> afresh."""
+    import dataclasses
+
+    from mmseg.modeling.heads.himtok import READOUT_KEY
+
+    options = {"patch_readout": True, "readout_query": True, option: True}
+    himtok, proc = _model(tokenizer_dir, seed=2, **options)
+    shaper = shaper_from_himtok(himtok, proc).eval()
+    _wake(shaper)
+    head = shaper.head
+    monkeypatch.setattr(head, "constrain", _opening_constrain(head, proc.eos_token_id))
+    monkeypatch.setattr(head, "config", dataclasses.replace(head.config, steer_start=True))
+    reads = []
+    original = head.session_readout
+
+    def spy(session, rows, steps, query=None):
+        kept = dict(session.state.get(READOUT_KEY, {}))
+        out = original(session, rows, steps, query)
+        reads.append((query is not None, kept == session.state.get(READOUT_KEY, {})))
+        return out
+
+    monkeypatch.setattr(head, "session_readout", spy)
+    for mode in ("entropy", "learned"):
+        reads.clear()
+        gen = _generate(shaper, proc, QUERIES, invoke=mode)
+        for row in range(len(QUERIES)):
+            assert len(gen.masks[row][0].info["mask_tokens"]) == K
+        assert any(q for q, _ in reads) and all(unchanged for q, unchanged in reads if q)

@@ -150,7 +150,9 @@ class HiMTokConfig:
     # 0.239 / 0.296 / 0.486 and 0.612 at 4k. Seed-1, 500 per split, own answers: val / testA / testB 0.680 / 0.752 /
     # 0.502, and the same codes unrefined (``refine_mask=False``) 0.565 / - / 0.415; with the true description forced
     # (200 per split) val 0.811 and testB 0.674 (committed 0.762 / 0.661). The refiner costs ~20 ms of a ~660 ms
-    # step (batch 32). On in tiny-himtok (24).
+    # step (batch 32). On in tiny-himtok (24). Decoding refines every decode, ``keep_tokens`` prefixes included,
+    # though training refines full decodes only: refined prefixes of 8 and 16 codes scored val 0.674 / 0.678 against
+    # 0.680 for all 32 (unrefined 0.545 / 0.557 / 0.565); ``refine_mask=False`` shows the tokenizer's coarse-to-fine.
     refine_channels: int = 0
     # Score the code tokens in the shared text cross-entropy too (as HiMTok). Off: the text CE scores the answer's
     # words (and <mt_start> / <mt_end>) only, and the codes are trained by ``readout_ce`` (the CE of the summed
@@ -612,20 +614,29 @@ class HiMTokHead(MaskHead):
             terms = terms + self.mask_readout.scale * cosine
         return terms, coarse, gate
 
-    def session_readout(self, session: "DecodeSession", rows: torch.Tensor, steps: list[int]) -> torch.Tensor:
+    def session_readout(self, session: "DecodeSession", rows: torch.Tensor, steps: list[int],
+                        query: torch.Tensor | None = None) -> torch.Tensor:
         """The readout's terms ``(n, V)`` for the next code of ``rows (n,)``, code index ``steps[i]`` each (clamped
-        to the last code). Read from the prompt once per session and kept there; with an answer-gated readout,
-        once per mask point (its ``<mt_start>`` state is the gate's query)."""
+        to the last code). Read from the prompt once per session and kept there; when the readout reads the
+        mask point (the answer gate, or mask queries), once per mask point, with its ``<mt_start>`` state.
+
+        ``query (n, D)``: the rows' ``<mt_start>`` states, for a read made before decoding has recorded them (the
+        shaper's checkpoint at ``<mt_start>`` itself, inside ``after_step``); such a read is not kept, since the
+        shift injected there changes both the state and the cache the queries read."""
         index = torch.tensor([min(n, self.num_tokens - 1) for n in steps], device=rows.device)
-        # Per row: (the read's key, its terms (K, V)). Ungated, one read per session (key 0); gated, one per mask
-        # point (key: the row's number of mask points), so a new <mt_start> reads it afresh.
-        gated = self.answer_gate is not None or self.queries is not None
+        at_point = self.answer_gate is not None or self.queries is not None
+        if query is not None and at_point:
+            image = self.session_queries(session, rows.tolist())[rows] if self.queries is not None else None
+            terms = self.readout_logits(session.prompt_ids[rows], session.prompt_hidden[rows], query, image)
+            return terms[torch.arange(len(index)), index]
+        # Per row: (the read's key, its terms (K, V)). Read at the prompt, one read per session (key 0); at the mask
+        # point, one per mask point (key: the row's number of recorded mask points), so a new <mt_start> reads afresh.
         cache: dict[int, tuple[int, torch.Tensor]] = session.state.setdefault(READOUT_KEY, {})
-        key = {r: len(session.point_hidden[r]) if gated else 0 for r in rows.tolist()}
+        key = {r: len(session.point_hidden[r]) if at_point else 0 for r in rows.tolist()}
         stale = [r for r in key if cache.get(r, (-1,))[0] != key[r]]
         if stale:
             at = torch.tensor(stale, device=rows.device)
-            query = torch.stack([session.point_hidden[r][-1] for r in stale]) if gated else None
+            query = torch.stack([session.point_hidden[r][-1] for r in stale]) if at_point else None
             image = self.session_queries(session, stale)[at] if self.queries is not None else None
             terms = self.readout_logits(session.prompt_ids[at], session.prompt_hidden[at], query, image)
             cache.update({r: (key[r], terms[i]) for i, r in enumerate(stale)})

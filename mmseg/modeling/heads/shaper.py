@@ -220,10 +220,11 @@ class ShaperHead(HiMTokHead):
             return shift, None
         return shift, self.code_steer(c, self._codebook(torch.float32), after)
 
-    def session_readout(self, session: "DecodeSession", rows: torch.Tensor, steps: list[int]) -> torch.Tensor:
+    def session_readout(self, session: "DecodeSession", rows: torch.Tensor, steps: list[int],
+                        query: torch.Tensor | None = None) -> torch.Tensor:
         """HiMTok's readout terms plus the code terms of this session's shaping rounds so far ``(n, V)``."""
         if self.reads_prompt:
-            terms = super().session_readout(session, rows, steps)
+            terms = super().session_readout(session, rows, steps, query)
         else:
             terms = torch.zeros(len(steps), self.codebook_size, device=rows.device)
         steer = session.state.get(STATE_KEY, {}).get("steer")
@@ -341,6 +342,21 @@ class ShaperHead(HiMTokHead):
                 rows[r].invoked[-1].append(len(rows[r].span) - 2)
         return hidden
 
+    def _checkpoint_readout(self, session: "DecodeSession", candidates: list[int], steps: list[int],
+                            hidden: torch.Tensor) -> torch.Tensor:
+        """The readout's terms ``(n, V)`` at the candidates' checkpoints. A row that has just fed ``<mt_start>``
+        (``steer_start``) has no recorded mask-point state yet: its query is the state just computed, ``hidden (B,
+        1, D)``, and that read is not kept (see :meth:`HiMTokHead.session_readout`)."""
+        index = torch.tensor(candidates, device=hidden.device)
+        opening = torch.tensor([session.tokens[r][-1] == self.mt_start_id for r in candidates], device=hidden.device)
+        terms = torch.zeros(len(candidates), self.codebook_size, device=hidden.device)
+        for part in (opening, ~opening):
+            if bool(part.any()):
+                at = part.nonzero()[:, 0]
+                query = hidden[index[at], -1] if part is opening else None
+                terms[at] = self.session_readout(session, index[at], [steps[i] for i in at.tolist()], query).float()
+        return terms
+
     def _rounds(self, session: "DecodeSession", state: dict[str, Any], candidates: list[int],
                 hidden: torch.Tensor) -> list[int]:
         """Shaping rounds per candidate row, by the session's invoke mode, within the cap."""
@@ -353,7 +369,7 @@ class ShaperHead(HiMTokHead):
         code_logits = session.model.lm.get_output_embeddings()(hidden[index, -1]).index_select(-1, self.code_token_ids)
         if self.has_readout:  # the logits decoding will read (see HiMTokHead.constrain)
             steps = [self._open_span(session.tokens[r]) for r in candidates]
-            code_logits = code_logits.float() + self.session_readout(session, index, steps)
+            code_logits = code_logits.float() + self._checkpoint_readout(session, candidates, steps, hidden)
         entropy = normalised_entropy(code_logits)  # of the NEXT mask token's distribution
         if mode == "entropy":
             wanted = entropy_rounds(entropy, self.config.entropy_low, self.config.entropy_high,
