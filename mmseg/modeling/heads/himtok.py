@@ -626,21 +626,23 @@ class HiMTokHead(MaskHead):
         index = torch.tensor([min(n, self.num_tokens - 1) for n in steps], device=rows.device)
         at_point = self.answer_gate is not None or self.queries is not None
         if query is not None and at_point:
-            image = self.session_queries(session, rows.tolist())[rows] if self.queries is not None else None
-            terms = self.readout_logits(session.prompt_ids[rows], session.prompt_hidden[rows], query, image)
-            return terms[torch.arange(len(index)), index]
+            return self._session_read(session, rows.tolist(), query)[torch.arange(len(index)), index]
         # Per row: (the read's key, its terms (K, V)). Read at the prompt, one read per session (key 0); at the mask
         # point, one per mask point (key: the row's number of recorded mask points), so a new <mt_start> reads afresh.
         cache: dict[int, tuple[int, torch.Tensor]] = session.state.setdefault(READOUT_KEY, {})
         key = {r: len(session.point_hidden[r]) if at_point else 0 for r in rows.tolist()}
         stale = [r for r in key if cache.get(r, (-1,))[0] != key[r]]
         if stale:
-            at = torch.tensor(stale, device=rows.device)
             query = torch.stack([session.point_hidden[r][-1] for r in stale]) if at_point else None
-            image = self.session_queries(session, stale)[at] if self.queries is not None else None
-            terms = self.readout_logits(session.prompt_ids[at], session.prompt_hidden[at], query, image)
+            terms = self._session_read(session, stale, query)
             cache.update({r: (key[r], terms[i]) for i, r in enumerate(stale)})
         return torch.stack([cache[r][1] for r in rows.tolist()])[torch.arange(len(index)), index]
+
+    def _session_read(self, session: "DecodeSession", rows: list[int], query: torch.Tensor | None) -> torch.Tensor:
+        """The readouts' terms ``(n, K, V)`` for ``rows`` of a decode session, the gate's ``query (n, D)`` given."""
+        at = torch.tensor(rows, device=session.device)
+        image = self.session_queries(session, rows)[at] if self.queries is not None else None
+        return self.readout_logits(session.prompt_ids[at], session.prompt_hidden[at], query, image)
 
     def session_queries(self, session: "DecodeSession", rows: list[int]) -> torch.Tensor:
         """The mask queries' last hidden states ``(B, P, D)`` read at the latest mask point of each of ``rows``
@@ -660,10 +662,14 @@ class HiMTokHead(MaskHead):
         the first ``keep`` positions (an int or ``(N,)``); differentiable w.r.t. ``probs``. With a refiner, pass
         the images ``pixel_values (N, 3, S, S)``: the masks are refined against them (without, not refined)."""
         dtype = self.mask_tokenizer.quantizer.codebook.dtype
-        logits = self.mask_tokenizer.decode_soft(probs.to(dtype), keep=keep).float()
-        if self.refiner is not None and pixel_values is not None:
-            logits = self.refiner(logits, pixel_values).float()
-        return logits
+        return self.refine(self.mask_tokenizer.decode_soft(probs.to(dtype), keep=keep).float(), pixel_values)
+
+    def refine(self, logits: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Decoded mask logits ``(N, m, m)`` refined against their images ``pixel_values (N, 3, S, S)`` (see
+        :class:`MaskRefiner`); unchanged without a refiner or without images."""
+        if self.refiner is None or pixel_values is None:
+            return logits
+        return self.refiner(logits, pixel_values).float()
 
     # -- training ---------------------------------------------------------------------------------------
     def host_targets(self) -> None:
@@ -765,9 +771,7 @@ class HiMTokHead(MaskHead):
         logits = self.decode_probs(decoded, keep)
         side = logits.shape[-2:]
         soft_target = downsample_targets(target, side)
-        full = logits[:n]
-        if self.refiner is not None and pixel_values is not None:
-            full = self.refiner(full, pixel_values).float()
+        full = self.refine(logits[:n], pixel_values)
         bce, dice = bce_loss(full, soft_target), dice_loss(full, soft_target)
         prefix_target = soft_target[prefix_rows]
         terms = []
@@ -796,15 +800,12 @@ class HiMTokHead(MaskHead):
         w = self.config.mask_loss_weight
         zero = text_logits.sum() * 0.0
         if rows.numel() == 0:
-            # every parameter in the graph, so that distributed training stays in step
-            refiner = 0.0 * sum(p.sum() for p in self.refiner.parameters()) if self.refiner is not None else 0.0
-            out = {"mask_bce": zero + refiner, "mask_dice": zero}
+            # every parameter of the head in the graph, so that distributed training stays in step
+            out = {"mask_bce": zero + 0.0 * sum(p.sum() for p in self.parameters()), "mask_dice": zero}
             if self.config.num_prefixes > 0:
                 out["mask_prefix"] = zero
-            parts = [part for part in (self.readout, self.mask_readout, self.answer_gate, self.queries)
-                     if part is not None]
-            if parts:
-                out["readout_ce"] = zero + 0.0 * sum(p.sum() for part in parts for p in part.parameters())
+            if self.reads_prompt:
+                out["readout_ce"] = zero
             if self.mask_readout is not None:
                 out["readout_mask"] = zero
             if self.answer_gate is not None:
@@ -949,9 +950,9 @@ class HiMTokHead(MaskHead):
                     steps = [*steps, *hard.float()]
                 probs = torch.stack([step.float() for step in steps])  # (n, V)
                 jobs.setdefault(len(codes), []).append((row, j, probs, codes))
+        refine = session.options.get("refine_mask", True)
         for length, items in jobs.items():
             used = min(keep, length)
-            refine = self.refiner is not None and session.options.get("refine_mask", True)
             pixels = session.pixel_values[[item[0] for item in items]] if refine else None
             logits = self.decode_probs(torch.stack([item[2] for item in items]), used, pixels)
             for (row, j, _, codes), mask in zip(items, logits):

@@ -347,14 +347,14 @@ class ShaperHead(HiMTokHead):
         """The readout's terms ``(n, V)`` at the candidates' checkpoints. A row that has just fed ``<mt_start>``
         (``steer_start``) has no recorded mask-point state yet: its query is the state just computed, ``hidden (B,
         1, D)``, and that read is not kept (see :meth:`HiMTokHead.session_readout`)."""
-        index = torch.tensor(candidates, device=hidden.device)
-        opening = torch.tensor([session.tokens[r][-1] == self.mt_start_id for r in candidates], device=hidden.device)
+        opening = [session.tokens[r][-1] == self.mt_start_id for r in candidates]
         terms = torch.zeros(len(candidates), self.codebook_size, device=hidden.device)
-        for part in (opening, ~opening):
-            if bool(part.any()):
-                at = part.nonzero()[:, 0]
-                query = hidden[index[at], -1] if part is opening else None
-                terms[at] = self.session_readout(session, index[at], [steps[i] for i in at.tolist()], query).float()
+        for fresh in (True, False):
+            group = [i for i, o in enumerate(opening) if o == fresh]
+            if group:
+                rows = torch.tensor([candidates[i] for i in group], device=hidden.device)
+                query = hidden[rows, -1] if fresh else None
+                terms[group] = self.session_readout(session, rows, [steps[i] for i in group], query).float()
         return terms
 
     def _rounds(self, session: "DecodeSession", state: dict[str, Any], candidates: list[int],
