@@ -87,6 +87,7 @@ class HiMTokConfig:
     prefix_blur: float = 0.08  # target blur sigma at k = 1, as a fraction of the tokenizer's mask side
     # At most this many masks per batch get the decoded mask loss (a random subset; None = all). Decoding through
     # the frozen tokenizer costs about as much as the LM itself on a CPU; the code-token CE trains every row.
+    # tiny-himtok: 16 of its batch of 64 (59.5 -> 84.1 samples/s of compute with ``image_merge`` 2, session 20).
     mask_loss_samples: int | None = None
     # At most this many of those masks (a random subset; None = all) also get the ``num_prefixes`` prefix decodes.
     # Why: each prefix is one more tokenizer decode per mask; with every mask decoded 1 + 2 times, the decodes took
@@ -163,7 +164,12 @@ class HiMTokConfig:
     # off, both cores, in-run val cIoU over 256 train-seed sentences): 0.236 / 0.329 / 0.392 at 1k / 2k / 3k steps
     # (stopped there) against the committed run's 0.239 / 0.296 / 0.486: the words' CE was already 0.18 at 1k
     # steps (template answers), so they carry little signal either way, and the relational skill came no sooner
-    # (0.16 at 3k). On in the presets.
+    # (0.16 at 3k). Then, with the refiner, ``image_merge`` 2, batch 64 and ``mask_loss_samples`` 16 (session 20, 60
+    # minutes from scratch on both cores of a half-speed machine, 426 GFLOP/s): on, in-run val 0.356 / 0.562 / 0.685
+    # at 1k / 2k / 3k and 0.701 at the end, the answers naming the referent 0.40 (seed-1 val / testB 0.669 / 0.488);
+    # off, 0.384 / 0.685 / 0.735 and 0.751, named 0.57 (seed-1 0.768 / 0.571: the committed synthref-himtok). Once
+    # the refiner draws the mask, the words decide it (forced true descriptions: testB 0.81), and they learn faster
+    # without the codes in their CE. Off in tiny-himtok.
     code_text_ce: bool = True
     # Add the frozen tokenizer's OWN reading of a predicted mask to the code logits (see MaskReadout): the image
     # positions' last hidden states predict a coarse mask of the referent (``mask_readout_upsample`` pixels per
