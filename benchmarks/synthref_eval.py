@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     seg = Segmenter.from_pretrained(args.model, device=args.device)
     options = {}
     if args.no_refine_mask:
-        if "refine_mask" not in seg.head_options or getattr(seg.model.head, "refiner", None) is None:
+        if "refine_mask" not in seg.head_options:
             parser.error(f"--no-refine-mask: the {seg.head_name} head of {args.model} has no mask refiner")
         options["refine_mask"] = False
     results: dict = {"model": args.model, "data": args.data, "head": seg.head_name, "options": options}

@@ -1155,3 +1155,12 @@ def test_decoding_refines_each_mask_against_its_own_image(tokenizer_dir, monkeyp
     loaded = Segmenter.from_pretrained(tmp_path, device="cpu").model.head
     for a, b in zip(loaded.refiner.parameters(), head.refiner.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_refine_mask_is_offered_only_by_a_head_that_refines(himtok, tokenizer_dir):
+    model, proc = himtok  # refine_channels 0: nothing to switch off, so the option would silently do nothing
+    assert model.head.refiner is None and "refine_mask" not in Segmenter(model, proc).head_options
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['refine_mask'\] for the himtok head; valid: keep_tokens"):
+        model.head.check_options({"refine_mask": False})
+    refining, proc = _model(tokenizer_dir, refine_channels=8)
+    assert Segmenter(refining, proc).head_options == ("keep_tokens", "refine_mask")

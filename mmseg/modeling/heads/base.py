@@ -61,7 +61,9 @@ class MaskHead(nn.Module):
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
-    option_names: ClassVar[tuple[str, ...]] = ()  # per-call options the head accepts (e.g. ``keep_tokens``)
+    # Per-call options the head accepts (e.g. ``keep_tokens``); an instance may narrow its class's list to what
+    # its config built (HiMTok offers ``refine_mask`` only with a refiner).
+    option_names: tuple[str, ...] = ()
     mask_point_token_id: int  # set by bind(): the generated token that opens a mask point
     seg_token_id: int  # set by bind(): the shared <seg> placeholder
 

@@ -424,7 +424,7 @@ class HiMTokHead(MaskHead):
     name = "himtok"
     config_cls = HiMTokConfig
     # Per-call options; subclasses extend (check_options). ``refine_mask=False``: the tokenizer's own decode,
-    # unrefined (a head without a refiner ignores it).
+    # unrefined (offered only by a head with a refiner: elsewhere it is an unknown option, a clear error).
     option_names: tuple[str, ...] = ("keep_tokens", "refine_mask")
 
     def __init__(self, config: HiMTokConfig, hidden_size: int, image_size: int, grid_size: tuple[int, int],
@@ -477,6 +477,8 @@ class HiMTokHead(MaskHead):
             raise ValueError("himtok head: code_text_ce false leaves the code tokens to the readouts' cross-entropy; "
                              "turn on patch_readout or mask_readout, or keep code_text_ce true")
         self.refiner = MaskRefiner(config.refine_channels) if config.refine_channels else None
+        if self.refiner is None:
+            self.option_names = tuple(name for name in self.option_names if name != "refine_mask")
         self.mask_readout = None
         if config.mask_readout:
             self.mask_readout = MaskReadout(hidden_size, (gh, gw), config.mask_readout_upsample,
