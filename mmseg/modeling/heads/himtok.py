@@ -113,6 +113,11 @@ class HiMTokConfig:
     # decoded in the mask loss (``mask_loss_samples`` None instead of 8) 0.190; the codebook adapter instead: 0.077.
     patch_readout: bool = False
     readout_bottleneck: int = 16
+    # Weight of ``readout_ce``, the CE of the code logits decoding uses (with a readout on). The codes are hard to
+    # name exactly (~5.6 nats each at 1k steps against ~0.2 for the answer's words), and that term's gradient
+    # reaches the LM's states at the code positions, which read the words that name the referent; the mask loss
+    # trains the same logits through the soft codes.
+    readout_ce_weight: float = 1.0
     # Gate the patch readout by the answer (see AnswerGate): the hidden state at <mt_start>, which has read the
     # answer's naming of the referent, scores each image position; the readout reads the positions scaled by that
     # gate (and the gate itself), and the gate is trained against the target's share of each position's cell
@@ -473,6 +478,8 @@ class HiMTokHead(MaskHead):
         if config.patch_readout:
             self.readout = PatchReadout(hidden_size, gh * gw, found.num_tokens, found.code_dim,
                                         config.readout_bottleneck, gated=config.readout_query)
+        if config.readout_ce_weight < 0:
+            raise ValueError(f"himtok head: readout_ce_weight must be >= 0, got {config.readout_ce_weight}")
         if not config.code_text_ce and not (config.patch_readout or config.mask_readout):
             raise ValueError("himtok head: code_text_ce false leaves the code tokens to the readouts' cross-entropy; "
                              "turn on patch_readout or mask_readout, or keep code_text_ce true")
@@ -831,7 +838,8 @@ class HiMTokHead(MaskHead):
             code_logits = code_logits.float() + terms
             labels = batch["labels"][rows[:, None], positions + 1]
             targets = self.code_targets(labels)
-            out["readout_ce"] = F.cross_entropy(code_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+            out["readout_ce"] = self.config.readout_ce_weight * F.cross_entropy(
+                code_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
             masks = batch["mask_targets"][rows]
             if gate is not None:
                 gate = gate.float().view(-1, *self.readout_grid)
