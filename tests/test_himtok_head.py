@@ -1010,6 +1010,24 @@ def test_code_text_ce_off_leaves_the_codes_to_the_readout(tokenizer_dir):
         torch.testing.assert_close(a[key], b[key])
 
 
+def test_readout_ce_weight_scales_that_term_only(tokenizer_dir):
+    plain, proc = _model(tokenizer_dir, seed=9, patch_readout=True)
+    light, _ = _model(tokenizer_dir, seed=9, patch_readout=True, readout_ce_weight=0.3)
+    light.load_state_dict(plain.state_dict())
+    batch = _batch(proc, plain.head, _square_mask())
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = plain(batch)
+        torch.manual_seed(0)
+        b = light(batch)
+    assert float(a["readout_ce"]) > 0
+    torch.testing.assert_close(b["readout_ce"], 0.3 * a["readout_ce"])
+    for key in ("text_ce", "mask_bce", "mask_dice"):
+        torch.testing.assert_close(a[key], b[key])
+    with pytest.raises(ValueError, match="readout_ce_weight must be >= 0"):
+        _model(tokenizer_dir, patch_readout=True, readout_ce_weight=-1.0)
+
+
 def test_code_text_ce_off_needs_a_readout(tokenizer_dir):
     with pytest.raises(ValueError, match="code_text_ce false"):
         _model(tokenizer_dir, code_text_ce=False)
