@@ -714,17 +714,23 @@ def _randomise_readout(model) -> None:
             p.normal_()
 
 
+def _losses_under_one_seed(batch, *models) -> list[dict]:
+    """Each model's loss terms on ``batch`` under the same random draws (sampled prefixes and rows)."""
+    out = []
+    with torch.no_grad():
+        for model in models:
+            torch.manual_seed(0)
+            out.append(model(batch))
+    return out
+
+
 def test_patch_readout_starts_silent_and_trains(himtok, tokenizer_dir):
     plain, proc = himtok
     model, _ = _model(tokenizer_dir, patch_readout=True)
     missing, _ = model.load_state_dict(plain.state_dict(), strict=False)  # same backbone; the readout stays zero
     assert missing and all(k.startswith("head.readout.") for k in missing)
     batch = _batch(proc, plain.head, _square_mask())
-    with torch.no_grad():
-        torch.manual_seed(0)
-        expected = plain(batch)
-        torch.manual_seed(0)
-        got = model(batch)
+    expected, got = _losses_under_one_seed(batch, plain, model)
     for key in ("text_ce", "mask_bce", "mask_dice", "mask_prefix"):
         torch.testing.assert_close(got[key], expected[key])
     # readout_ce is the code-token CE of the logits decoding uses (here the LM's own: the readout is still zero)
@@ -1000,11 +1006,7 @@ def test_code_text_ce_off_leaves_the_codes_to_the_readout(tokenizer_dir):
     assert (kept[is_code] == -100).all() and torch.equal(kept[~is_code], labels[~is_code])
     assert (kept == head.mt_start_id).sum() == 2 and (kept == head.mt_end_id).sum() == 2
     assert torch.equal(on.head.text_labels(labels), labels)
-    with torch.no_grad():
-        torch.manual_seed(0)
-        a = on(batch)
-        torch.manual_seed(0)
-        b = off(batch)
+    a, b = _losses_under_one_seed(batch, on, off)
     assert a["text_ce"] != b["text_ce"]
     for key in ("readout_ce", "mask_bce", "mask_dice"):
         torch.testing.assert_close(a[key], b[key])
@@ -1015,11 +1017,7 @@ def test_readout_ce_weight_scales_that_term_only(tokenizer_dir):
     light, _ = _model(tokenizer_dir, seed=9, patch_readout=True, readout_ce_weight=0.3)
     light.load_state_dict(plain.state_dict())
     batch = _batch(proc, plain.head, _square_mask())
-    with torch.no_grad():
-        torch.manual_seed(0)
-        a = plain(batch)
-        torch.manual_seed(0)
-        b = light(batch)
+    a, b = _losses_under_one_seed(batch, plain, light)
     assert float(a["readout_ce"]) > 0
     torch.testing.assert_close(b["readout_ce"], 0.3 * a["readout_ce"])
     for key in ("text_ce", "mask_bce", "mask_dice"):
