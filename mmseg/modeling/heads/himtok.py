@@ -117,10 +117,10 @@ class HiMTokConfig:
     # name exactly (~5.6 nats each at 1k steps against ~0.2 for the answer's words), and that term's gradient
     # reaches the LM's states at the code positions, which read the words that name the referent; the mask loss
     # trains the same logits through the soft codes. Measured (session 21, tiny-himtok from scratch, 60 minutes on
-    # both cores, 3,381 steps; seed-1, 500 per split, own answers): 0.3 against 1.0 gave val / testA / testB cIoU
-    # 0.776 / 0.885 / 0.621 against 0.768 / 0.875 / 0.571, answers naming the referent (200 per split) val / testB
-    # 0.58 / 0.44 against 0.54 / 0.36, QA 0.816 against 0.732, but testB no-target accuracy 0.878 against 0.976
-    # (36 against 40 of 41). 0.3 in tiny-himtok.
+    # both cores, 3,381 steps; seed-1, 500 per split, own answers, bf16 weights): 0.3 against 1.0 gave val / testA /
+    # testB cIoU 0.776 / 0.884 / 0.620 against 0.768 / 0.875 / 0.571, answers naming the referent (200 per split)
+    # val / testB 0.58 / 0.44 against 0.54 / 0.36, QA 0.816 against 0.732, but testB no-target accuracy 0.878
+    # against 0.976 (36 against 40 of 41). 0.3 in tiny-himtok. The logged ``readout_ce`` is the weighted term.
     readout_ce_weight: float = 1.0
     # Gate the patch readout by the answer (see AnswerGate): the hidden state at <mt_start>, which has read the
     # answer's naming of the referent, scores each image position; the readout reads the positions scaled by that
