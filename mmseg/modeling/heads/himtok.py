@@ -482,8 +482,9 @@ class HiMTokHead(MaskHead):
         if config.patch_readout:
             self.readout = PatchReadout(hidden_size, gh * gw, found.num_tokens, found.code_dim,
                                         config.readout_bottleneck, gated=config.readout_query)
-        if config.readout_ce_weight < 0:
-            raise ValueError(f"himtok head: readout_ce_weight must be >= 0, got {config.readout_ce_weight}")
+        for field in dataclasses.fields(config):  # every loss weight: a negative one would train the term upwards
+            if field.name.endswith("_weight") and getattr(config, field.name) < 0:
+                raise ValueError(f"himtok head: {field.name} must be >= 0, got {getattr(config, field.name)}")
         if not config.code_text_ce and not (config.patch_readout or config.mask_readout):
             raise ValueError("himtok head: code_text_ce false leaves the code tokens to the readouts' cross-entropy; "
                              "turn on patch_readout or mask_readout, or keep code_text_ce true")
