@@ -198,6 +198,10 @@ class TrainConfig:
     # no-target samples does, and it costs no target samples. Measured (60 CPU minutes of tiny-stamp, weight 4):
     # seed-1 val cIoU 0.67 against 0.81 at weight 1, testB no-target 0.78 against 0.79, so the preset keeps 1.
     decision_weight: float = 1.0
+    # Weight of the answer's text cross-entropy (the logged ``text_ce`` is the weighted term). Its hard tokens are
+    # few (the decision, and the words naming the referent: a relational sentence is resolved there), and it is a
+    # mean over every scored token, so beside a head's dense mask losses its gradient into the LM is small.
+    text_weight: float = 1.0
     eval_every: int = 500
     eval_samples: int = 256
     save_every: int = 500
@@ -243,6 +247,8 @@ class TrainConfig:
             raise ValueError(f"train.no_target_from must be in [0, 1], got {self.no_target_from}")
         if not self.decision_weight > 0:
             raise ValueError(f"train.decision_weight must be > 0, got {self.decision_weight}")
+        if not self.text_weight > 0:
+            raise ValueError(f"train.text_weight must be > 0, got {self.text_weight}")
         if self.batch_size < 1:
             raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
 

@@ -207,6 +207,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
     model.probe_weight = cfg.patch_label_weight
     model.ground_weight = cfg.ground_weight
     model.decision_weight = cfg.decision_weight
+    model.text_weight = cfg.text_weight
     model.vision_grad_scale = cfg.vision_grad_scale
 
     # Frozen parameters (e.g. a head's frozen parts) stay out of the optimizer, so weight decay never moves them.

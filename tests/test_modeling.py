@@ -223,6 +223,21 @@ def test_answer_cross_entropy_weights_only_each_rows_first_answer_token():
     assert torch.allclose(answer_cross_entropy(logits, labels, first_weight=3.0), expected)
 
 
+def test_text_weight_scales_the_text_term_only():
+    model, proc = tiny_model(seed=3)
+    batch = _batch(model, proc)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        plain = model(batch)
+        model.text_weight = 2.5
+        torch.manual_seed(0)
+        weighted = model(batch)
+    torch.testing.assert_close(weighted["text_ce"], 2.5 * plain["text_ce"])
+    for key in set(plain) - {"text_ce", "loss"}:
+        torch.testing.assert_close(weighted[key], plain[key])
+    torch.testing.assert_close(weighted["loss"] - plain["loss"], 1.5 * plain["text_ce"])
+
+
 def test_init_from_checkpoint_takes_the_weights_under_the_new_configs_options(tmp_path):
     """Fine-tuning starts from a checkpoint's weights and tokenizer under a preset whose training options differ;
     an architecture that does not match is a clear error."""

@@ -68,6 +68,7 @@ class MMSegModel(nn.Module):
         self.ground_weight = 1.0  # set by the trainer from its config
         self.vision_grad_scale = 1.0  # set by the trainer from its config
         self.decision_weight = 1.0  # set by the trainer from its config (TrainConfig.decision_weight)
+        self.text_weight = 1.0  # set by the trainer from its config (TrainConfig.text_weight)
         self._image_positions: torch.Tensor | None = None  # (B, Q) for the decoder pass in flight (the grounder's hook)
         if config.image_attention not in IMAGE_ATTENTION:
             raise ValueError(f"image_attention must be one of {IMAGE_ATTENTION}, got {config.image_attention!r}")
@@ -204,7 +205,8 @@ class MMSegModel(nn.Module):
         text_hidden = hidden[:, :t]
         logits = self.lm.get_output_embeddings()(text_hidden)
         labels = batch["labels"]
-        losses = {"text_ce": answer_cross_entropy(logits, self.head.text_labels(labels), self.decision_weight)}
+        text_ce = answer_cross_entropy(logits, self.head.text_labels(labels), self.decision_weight)
+        losses = {"text_ce": self.text_weight * text_ce}
         losses.update(self.head.loss(batch, text_hidden, logits, hidden[:, t:] if extra is not None else None))
         if self.probe is not None and "patch_labels" in batch:
             losses["patch_probe"] = self.probe_weight * self.probe.loss(features, batch["patch_labels"],
