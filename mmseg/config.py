@@ -201,6 +201,9 @@ class TrainConfig:
     # Weight of the answer's text cross-entropy (the logged ``text_ce`` is the weighted term). Its hard tokens are
     # few (the decision, and the words naming the referent: a relational sentence is resolved there), and it is a
     # mean over every scored token, so beside a head's dense mask losses its gradient into the LM is small.
+    # Measured (session 22, tiny-himtok from scratch, 60 minutes on both cores; seed-1, 500 per split, own answers,
+    # bf16 weights): 2 against 1 gave val / testA / testB cIoU 0.765 / 0.879 / 0.632 against 0.776 / 0.884 / 0.620 and
+    # testB no-target accuracy 0.951 against 0.878 (39 against 36 of 41). 2 in tiny-himtok.
     text_weight: float = 1.0
     eval_every: int = 500
     eval_samples: int = 256
