@@ -18,7 +18,7 @@ from mmseg.modeling.builder import build_model, build_tokenizer, load_pretrained
 from mmseg.modeling.heads.himtok import MT_END, MT_START, TOKENIZER_DIR, HiMTokHead, code_token
 from mmseg.modeling.mask_tokenizer import MaskTokenizer, MaskTokenizerConfig
 from mmseg.predictor import Segmenter
-from tiny import CORPUS, tiny_config
+from tiny import CORPUS, losses_under_one_seed, tiny_config
 
 K, CODES = 32, 64
 TINY_TOKENIZER = MaskTokenizerConfig(mask_size=32, patch_size=8, width=32, encoder_layers=1, decoder_layers=1,
@@ -714,23 +714,13 @@ def _randomise_readout(model) -> None:
             p.normal_()
 
 
-def _losses_under_one_seed(batch, *models) -> list[dict]:
-    """Each model's loss terms on ``batch`` under the same random draws (sampled prefixes and rows)."""
-    out = []
-    with torch.no_grad():
-        for model in models:
-            torch.manual_seed(0)
-            out.append(model(batch))
-    return out
-
-
 def test_patch_readout_starts_silent_and_trains(himtok, tokenizer_dir):
     plain, proc = himtok
     model, _ = _model(tokenizer_dir, patch_readout=True)
     missing, _ = model.load_state_dict(plain.state_dict(), strict=False)  # same backbone; the readout stays zero
     assert missing and all(k.startswith("head.readout.") for k in missing)
     batch = _batch(proc, plain.head, _square_mask())
-    expected, got = _losses_under_one_seed(batch, plain, model)
+    expected, got = losses_under_one_seed(batch, plain, model)
     for key in ("text_ce", "mask_bce", "mask_dice", "mask_prefix"):
         torch.testing.assert_close(got[key], expected[key])
     # readout_ce is the code-token CE of the logits decoding uses (here the LM's own: the readout is still zero)
@@ -1006,7 +996,7 @@ def test_code_text_ce_off_leaves_the_codes_to_the_readout(tokenizer_dir):
     assert (kept[is_code] == -100).all() and torch.equal(kept[~is_code], labels[~is_code])
     assert (kept == head.mt_start_id).sum() == 2 and (kept == head.mt_end_id).sum() == 2
     assert torch.equal(on.head.text_labels(labels), labels)
-    a, b = _losses_under_one_seed(batch, on, off)
+    a, b = losses_under_one_seed(batch, on, off)
     assert a["text_ce"] != b["text_ce"]
     for key in ("readout_ce", "mask_bce", "mask_dice"):
         torch.testing.assert_close(a[key], b[key])
@@ -1017,7 +1007,7 @@ def test_readout_ce_weight_scales_that_term_only(tokenizer_dir):
     light, _ = _model(tokenizer_dir, seed=9, patch_readout=True, readout_ce_weight=0.3)
     light.load_state_dict(plain.state_dict())
     batch = _batch(proc, plain.head, _square_mask())
-    a, b = _losses_under_one_seed(batch, plain, light)
+    a, b = losses_under_one_seed(batch, plain, light)
     assert float(a["readout_ce"]) > 0
     torch.testing.assert_close(b["readout_ce"], 0.3 * a["readout_ce"])
     for key in ("text_ce", "mask_bce", "mask_dice"):

@@ -36,6 +36,18 @@ def tiny_model(head: str = "stamp", seed: int = 0, model_options: dict | None = 
     return model.eval(), processor
 
 
+def losses_under_one_seed(batch, *models) -> list[dict]:
+    """Each model's loss terms on ``batch`` under the same random draws (sampled prefixes and rows)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for model in models:
+            torch.manual_seed(0)
+            out.append(model(batch))
+    return out
+
+
 def force_answer(answer_ids):
     """A ``constrain`` that makes the model say ``answer_ids`` (so an untrained model emits a mask)."""
 
