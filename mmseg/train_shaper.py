@@ -111,17 +111,38 @@ class ShapingObjective(nn.Module):
         ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         t = ids.shape[1]
         k = head.num_tokens
-        with torch.no_grad():  # the frozen model's teacher-forced pass: where the shaper reads its states
-            embeds, features = model.embed_inputs(ids, batch["pixel_values"])
-            extra = head.extra_inputs(batch, features)  # the head's mask queries, when its readouts read them
-            hidden = model.text_hidden(embeds, ids, attention, extra)
-            hidden, queries = hidden[:, :t], hidden[:, t:]
         start = batch["seg_positions"]
         rows = (start >= 0).nonzero()[:, 0]
         if rows.numel():  # as HiMTok's loss: spans the answer trains, all K codes inside the sequence
             fits = start[rows] + k + 1 < t
             labelled = labels[rows, (start[rows] + 1).clamp(max=t - 1)] != -100
             rows = rows[fits & labelled]
+        output = model.lm.get_output_embeddings()
+        code_pos = start[rows, None] + torch.arange(k, device=ids.device)[None]  # logits here predict the K codes
+
+        def frozen_pass(ids: torch.Tensor, features: torch.Tensor | None = None):
+            """The frozen model's teacher-forced pass over ``ids``: where the shaper reads its states."""
+            embeds, features = model.embed_inputs(ids, batch["pixel_values"], features)
+            extra = head.extra_inputs(batch, features)  # the head's mask queries, when its readouts read them
+            hidden = model.text_hidden(embeds, ids, attention, extra)
+            return embeds, features, extra, hidden[:, :t], hidden[:, t:]
+
+        def base_code_logits(hidden: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+            """``(N, K, V)``: the frozen HiMTok's code logits at the rows' mask points (LM + readout)."""
+            logits = output(hidden[rows[:, None], code_pos]).index_select(-1, head.code_token_ids).float()
+            readout = head.readout_logits(ids[rows], hidden[rows], hidden[rows, start[rows]],
+                                          queries[rows] if head.queries is not None else None)
+            return logits if readout is None else logits + readout
+
+        with torch.no_grad():
+            embeds, features, extra, hidden, queries = frozen_pass(ids)
+            if head.config.own_code_inputs and rows.numel():
+                # The codes decoding would feed: the frozen model's own choices (it predicts its codes in parallel
+                # from the context, so one teacher-forced pass gives them), in place of the collator's inputs.
+                own = head.code_token_ids[base_code_logits(hidden, queries).argmax(-1)]
+                ids = ids.clone()
+                ids[rows[:, None], code_pos + 1] = own
+                embeds, features, extra, hidden, queries = frozen_pass(ids, features)
         trainable = [p for p in self.parameters() if p.requires_grad]
         if rows.numel() == 0:
             zero = sum(p.sum() for p in trainable) * 0.0
@@ -151,8 +172,6 @@ class ShapingObjective(nn.Module):
         shaped[rows, pos] = shaped[rows, pos] + shift.to(shaped.dtype)
         shaped_hidden = model.text_hidden(shaped, ids, attention, extra)
         shaped_hidden, shaped_queries = shaped_hidden[:, :t], shaped_hidden[:, t:]
-        code_pos = s[:, None] + torch.arange(k, device=ids.device)[None]  # logits here predict the K codes
-        output = model.lm.get_output_embeddings()
         code_logits = output(shaped_hidden[rows[:, None], code_pos]).index_select(-1, head.code_token_ids).float()
         # (N, K, V) from the prompt (and the <mt_start> state and the mask queries, when the head has them); None
         # without a readout. Read from the shaped pass, as decoding reads them: a shift injected at <mt_start>
@@ -168,10 +187,7 @@ class ShapingObjective(nn.Module):
         targets = torch.where(after, target_codes, torch.full_like(target_codes, -100))
         ce = F.cross_entropy(code_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         with torch.no_grad():
-            base_logits = output(hidden[rows[:, None], code_pos]).index_select(-1, head.code_token_ids).float()
-            if readout is not None:
-                base_logits = base_logits + head.readout_logits(ids[rows], hidden[rows], hidden[rows, s],
-                                                                queries[rows] if head.queries is not None else None)
+            base_logits = base_code_logits(hidden, queries)
             base_ce = F.cross_entropy(base_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         cfg = head.config
         bce, dice, terms = head.hierarchical_loss(head.soft_codes(code_logits), batch["mask_targets"][rows],

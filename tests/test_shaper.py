@@ -370,6 +370,52 @@ def test_stage_one_objective_matches_inference_and_trains_only_the_shaper(forced
         _wake(shaper)
 
 
+@pytest.mark.parametrize("own", [False, True])
+def test_stage_one_code_inputs_are_the_collators_or_the_models_own(forced, monkeypatch, own):
+    """``own_code_inputs``: the states the shaper reads (and the shaped pass) come from a pass whose code inputs are
+    the frozen model's own choices in the collator's pass, argmax of its code logits (LM + readout); everything
+    else in the sequence is unchanged. Off: the collator's inputs throughout."""
+    import dataclasses
+
+    from mmseg.train_shaper import ShapingObjective
+
+    _, shaper, proc = forced
+    head, model = shaper.head, shaper
+    _, _, batch = _shaped_rollout(shaper, proc, QUERIES[1], monkeypatch)
+    s, k = int(batch["seg_positions"][0]), head.num_tokens
+    inputs = slice(s + 1, s + 1 + k)  # where the K code inputs sit
+    batch["input_ids"][0, inputs] = head.code_token_ids[torch.arange(k) * 7 % head.codebook_size]  # not the model's
+    monkeypatch.setattr(head, "config", dataclasses.replace(head.config, own_code_inputs=own))
+    calls = []
+    original = model.text_hidden
+
+    def record(embeds, ids, *args):
+        out = original(embeds, ids, *args)
+        calls.append((ids.clone(), out.detach()))
+        return out
+
+    monkeypatch.setattr(model, "text_hidden", record)
+    with torch.no_grad():
+        losses = ShapingObjective(shaper)(batch, torch.tensor([3]))
+    assert torch.isfinite(losses["loss"])
+    collator = batch["input_ids"]
+    assert len(calls) == (3 if own else 2)  # (own: the model's codes,) then the shaped pass
+    assert torch.equal(calls[0][0], collator)
+    if not own:
+        assert torch.equal(calls[1][0], collator)
+        return
+    t = collator.shape[1]
+    hidden = calls[0][1][:, :t]
+    logits = model.lm.get_output_embeddings()(hidden[0, s : s + k]).index_select(-1, head.code_token_ids).float()
+    readout = head.readout_logits(collator, hidden, hidden[:, s], calls[0][1][:, t:] if head.queries is not None else None)
+    if readout is not None:
+        logits = logits + readout[0]
+    expected = collator.clone()
+    expected[0, inputs] = head.code_token_ids[logits.argmax(-1)]
+    assert not torch.equal(expected, collator)
+    assert torch.equal(calls[1][0], expected) and torch.equal(calls[2][0], expected)
+
+
 def test_an_untrained_shaper_leaves_its_zero_start_on_the_first_step(tokenizer_dir, monkeypatch):
     """The zero sits in the control MLP's LAST layer, behind live features: its first gradient is already non-zero
     (with zero strengths in front of random vectors instead, every part's gradient is a product with a zero or with

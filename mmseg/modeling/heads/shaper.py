@@ -102,6 +102,10 @@ class ShaperConfig(HiMTokConfig):
     think_prompt: str = "Think again about the object and the mask so far."
     # stage 1 (teacher-forced); steps, batch and learning rate come from the preset's "train"
     shaper_ce_weight: float = 1.0  # CE on the mask tokens after the injection (the HiMTok mask loss is added)
+    # Stage 1 feeds the frozen model's own code choices as the code inputs (one extra no-grad pass), so the states
+    # the shaper reads are those decoding will give it. Off: the collator's inputs (random codes under HiMTok's
+    # ``code_input_noise``), which no decode ever feeds.
+    own_code_inputs: bool = False
     # stage 2 (REINFORCE with a group baseline)
     policy_steps: int = 300
     policy_lr: float = 3e-3
