@@ -119,6 +119,7 @@ class ShapingObjective(nn.Module):
             rows = rows[fits & labelled]
         output = model.lm.get_output_embeddings()
         code_pos = start[rows, None] + torch.arange(k, device=ids.device)[None]  # logits here predict the K codes
+        row_ids = ids[rows]  # what the readouts read: the image positions, which no pass below changes
 
         def frozen_pass(ids: torch.Tensor, features: torch.Tensor | None = None):
             """The frozen model's teacher-forced pass over ``ids``: where the shaper reads its states."""
@@ -130,7 +131,7 @@ class ShapingObjective(nn.Module):
         def base_code_logits(hidden: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
             """``(N, K, V)``: the frozen HiMTok's code logits at the rows' mask points (LM + readout)."""
             logits = output(hidden[rows[:, None], code_pos]).index_select(-1, head.code_token_ids).float()
-            readout = head.readout_logits(ids[rows], hidden[rows], hidden[rows, start[rows]],
+            readout = head.readout_logits(row_ids, hidden[rows], hidden[rows, start[rows]],
                                           queries[rows] if head.queries is not None else None)
             return logits if readout is None else logits + readout
 
@@ -164,7 +165,7 @@ class ShapingObjective(nn.Module):
         span_valid = torch.arange(int(span_len.max()), device=ids.device)[None] < span_len[:, None]
         span = hidden[rows[:, None], span_pos.clamp(max=t - 1)]
         prompt_mask = (labels[rows] == -100) & attention[rows].bool()
-        p, image = head.prompt_summary(ids[rows], hidden[rows], prompt_mask)
+        p, image = head.prompt_summary(row_ids, hidden[rows], prompt_mask)
         memory = torch.cat([image, span], dim=1)
         memory_valid = torch.cat([torch.ones(image.shape[:2], dtype=torch.bool, device=ids.device), span_valid], dim=1)
         shift, steer = head.shift(model, recent, recent_valid, memory, memory_valid, p, i)  # the only grad paths
@@ -176,7 +177,7 @@ class ShapingObjective(nn.Module):
         # (N, K, V) from the prompt (and the <mt_start> state and the mask queries, when the head has them); None
         # without a readout. Read from the shaped pass, as decoding reads them: a shift injected at <mt_start>
         # (steer_start) reaches the gate's query and the queries; one after it changes neither.
-        readout = head.readout_logits(ids[rows], shaped_hidden[rows], shaped_hidden[rows, s],
+        readout = head.readout_logits(row_ids, shaped_hidden[rows], shaped_hidden[rows, s],
                                       shaped_queries[rows] if head.queries is not None else None)
         if readout is not None:
             code_logits = code_logits + readout
