@@ -89,7 +89,8 @@ class HiMTokConfig:
     # the frozen tokenizer costs about as much as the LM itself on a CPU; the code-token CE trains every row.
     # tiny-himtok: 16 of its batch of 64 (59.5 -> 84.1 samples/s of compute with ``image_merge`` 2, session 20).
     # 8 (with ``prefix_samples`` 4): 1.13x the compute speed in a probe, 3,811 steps against 3,210 in 60 minutes,
-    # seed-1 val cIoU 0.783 against 0.765, but testB 0.600 against 0.632 with 31 of 41 testB refusals (session 24): not adopted.
+    # seed-1 val cIoU 0.783 against 0.765, but testB 0.600 against 0.632 with 31 of 41 testB refusals (session 24):
+    # not adopted.
     mask_loss_samples: int | None = None
     # At most this many of those masks (a random subset; None = all) also get the ``num_prefixes`` prefix decodes.
     # Why: each prefix is one more tokenizer decode per mask; with every mask decoded 1 + 2 times, the decodes took
