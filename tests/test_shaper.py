@@ -3,6 +3,7 @@ its two training stages through ``mmseg train``, persistence and errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -375,8 +376,6 @@ def test_stage_one_code_inputs_are_the_collators_or_the_models_own(forced, monke
     """``own_code_inputs``: the states the shaper reads (and the shaped pass) come from a pass whose code inputs are
     the frozen model's own choices in the collator's pass, argmax of its code logits (LM + readout); everything
     else in the sequence is unchanged. Off: the collator's inputs throughout."""
-    import dataclasses
-
     from mmseg.train_shaper import ShapingObjective
 
     _, shaper, proc = forced
@@ -437,8 +436,6 @@ def test_an_untrained_shaper_leaves_its_zero_start_on_the_first_step(tokenizer_d
 def test_steer_start_shapes_at_mt_start_in_decoding_and_training_alike(forced, monkeypatch):
     """``steer_start`` adds a checkpoint at ``<mt_start>`` (index -1): decoding shapes there first, and the stage-1
     objective at point -1 computes the same shift from the same states and trains every code after it."""
-    import dataclasses
-
     from mmseg.train_shaper import ShapingObjective
 
     _, shaper, proc = forced
@@ -687,8 +684,6 @@ def test_code_steer_joins_decoding_and_stage_one(pair, monkeypatch):
 def test_stage_one_reads_the_mask_queries_as_decoding_does(tokenizer_dir, monkeypatch):
     """On a HiMTok model whose readouts read mask queries, stage 1 runs the queries in both teacher-forced passes:
     with a zero shift its CE is the unshaped one, and a shift at <mt_start> (steer_start) reaches the readout."""
-    import dataclasses
-
     from mmseg.train_shaper import ShapingObjective
 
     himtok, proc = _model(tokenizer_dir, seed=2, patch_readout=True, readout_query=True, readout_queries=True)
@@ -718,8 +713,6 @@ def test_steer_start_reads_a_mask_point_readout_before_the_point_is_recorded(tok
     """With ``steer_start`` the entropy and learned invokers read the readout at <mt_start> itself, inside
     after_step, before decoding records that mask point's state: the read takes the state just computed and is not
     kept, so the next constrain reads the shaped <mt_start> afresh."""
-    import dataclasses
-
     from mmseg.modeling.heads.himtok import READOUT_KEY
 
     options = {"patch_readout": True, "readout_query": True, option: True}
