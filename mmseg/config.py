@@ -219,6 +219,10 @@ class TrainConfig:
     vocab_size: int = 1024  # byte-level BPE size when a tokenizer is trained for a tiny LM
     # Target answers name the referred object before <seg> ("Sure, the red circle on the left <seg>.").
     describe_targets: bool = True
+    # With describe_targets: answers to relational requests first say where the anchor is, then name the object
+    # in the relation to it ("The red star is at the top right, and the star left of it is the blue star at the
+    # top <seg>."; see mmseg.data.prompts.relational_answer). SynthRef only: other sentences keep the one-step answer.
+    reason_relations: bool = False
     patch_label_weight: float = 0.5  # weight of the patch-probe loss when the model has one
     # With a patch probe: the factor on the gradient that the LM and the mask head send back into the image
     # features (the probe's own gradient is unscaled). Their large, noisy gradients swamp AdamW's per-parameter

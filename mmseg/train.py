@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,7 +20,8 @@ import torch
 
 from mmseg.config import Preset
 from mmseg.data.collate import Collator, ExamplePool
-from mmseg.data.prompts import LIST_TEMPLATES, NO_TARGET_ANSWER, REGION_PHRASES, SEGMENT_TEMPLATES, TARGET_ANSWER
+from mmseg.data.prompts import (LIST_TEMPLATES, NO_TARGET_ANSWER, REGION_PHRASES, RELATIONAL_NO_TARGET_ANSWER,
+                                 RELATIONAL_TARGET_ANSWER, SEGMENT_TEMPLATES, TARGET_ANSWER)
 from mmseg.data.refer import ReferDataset, read_qa
 from mmseg.modeling.builder import build_model, build_tokenizer, init_from_checkpoint, is_checkpoint, load_pretrained
 from mmseg.modeling.model import MMSegModel
@@ -37,6 +39,8 @@ def text_corpus(refer: ReferDataset, qa: list[dict]):
     yield TARGET_ANSWER
     yield NO_TARGET_ANSWER
     yield from REGION_PHRASES  # described answers ("Sure, the red circle on the left <seg>.")
+    for template in (RELATIONAL_TARGET_ANSWER, RELATIONAL_NO_TARGET_ANSWER):  # two-step relational answers
+        yield re.sub(r"\{\w+\}", "", template)
     yield from LIST_TEMPLATES
     for ref in refer.refs:
         for sentence in ref["sentences"]:
@@ -200,7 +204,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
                        size_bins=model.config.patch_size_bins, focus=model.grounder is not None,
                        cache_mb=cfg.cache_mb / max(1, cfg.num_workers))  # each worker keeps its own memo
     pool = ExamplePool(train_set, train_qa, image_root, describe_targets=cfg.describe_targets,
-                       with_objects=model.probe is not None)
+                       with_objects=model.probe is not None, reason_relations=cfg.reason_relations)
     # Before the model moves: targets built on the host, whether in loader workers (which cannot use the parent's
     # accelerator) or in the loop, so that the worker count never changes them.
     model.head.host_targets()

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from mmseg.data.cache import BudgetMemo
-from mmseg.data.prompts import LIST_TEMPLATES, list_objects_answer, segment_answer, segment_prompt, target_description
+from mmseg.data.prompts import (LIST_TEMPLATES, list_objects_answer, region_phrase, relational_answer, segment_answer,
+                                 segment_prompt, target_description)
+from mmseg.data.synthetic import split_relation
 from mmseg.imageio import load_image
 from mmseg.masks import mask_digest
 from mmseg.modeling.heads.base import MaskHead
@@ -39,14 +41,33 @@ class Example:
     focus: np.ndarray | None = None
 
 
+def reasoned_answer(refer, sample) -> str | None:
+    """The two-step answer (:func:`~mmseg.data.prompts.relational_answer`) to a relational SynthRef sentence of
+    ``refer`` (a :class:`~mmseg.data.refer.ReferDataset`), with or without a target; None for any other sentence,
+    or when the anchor is not one annotated object of the image or the target cannot be described."""
+    parts = split_relation(sample.sentence)
+    if parts is None or int(sample.image_id) not in refer.images:
+        return None
+    want = parts.anchor_desc
+    anchors = [mask for mask, labels in refer.image_objects(int(sample.image_id))
+               if (want.color is None or labels.get("color") == want.color)
+               and (want.kind is None or labels.get("kind") == want.kind)]
+    region = region_phrase(anchors[0]) if len(anchors) == 1 else None
+    description = target_description(sample) if sample.has_target else None
+    if region is None or (sample.has_target and description is None):
+        return None
+    return relational_answer(parts.anchor, region, parts.subject, parts.relation, description)
+
+
 class ExamplePool:
     """Referring-segmentation samples and QA pairs of one split, drawn by index with a caller's RNG."""
 
     def __init__(self, refer, qa: Sequence[dict], image_root: Path, describe_targets: bool = True,
-                 with_objects: bool = False) -> None:
+                 with_objects: bool = False, reason_relations: bool = False) -> None:
         self.refer = refer
         self.describe_targets = describe_targets
-        self._descriptions: dict[int, str | None] = {}
+        self.reason_relations = reason_relations  # relational answers in two steps (see reasoned_answer)
+        self._answers: dict[int, str] = {}
         self.with_objects = with_objects  # attach every object of the image (for a patch probe)
         self._image_ids = sorted({int(r["image_id"]) for r in refer.refs})  # for object listings
         self.qa = list(qa)
@@ -60,14 +81,17 @@ class ExamplePool:
     def segmentation(self, index: int, rng: random.Random) -> Example:
         sample = self.refer[index]
         mask = sample.mask if sample.has_target else None
-        description = None
-        if self.describe_targets:  # memoised: finding the mask's centre is a full-image scan
-            if index not in self._descriptions:
-                self._descriptions[index] = target_description(sample)
-            description = self._descriptions[index]
-        answer = segment_answer(sample.has_target, description)
-        return Example(sample.image_path, segment_prompt(sample.sentence, rng), answer, mask,
+        if index not in self._answers:  # memoised: finding a mask's centre is a full-image scan
+            self._answers[index] = self._answer(sample)
+        return Example(sample.image_path, segment_prompt(sample.sentence, rng), self._answers[index], mask,
                        self._objects(sample.image_id), focus=sample.mask)
+
+    def _answer(self, sample) -> str:
+        if self.describe_targets and self.reason_relations:
+            answer = reasoned_answer(self.refer, sample)
+            if answer is not None:
+                return answer
+        return segment_answer(sample.has_target, target_description(sample) if self.describe_targets else None)
 
     def question(self, index: int) -> Example:
         item = self.qa[index]

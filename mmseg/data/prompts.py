@@ -21,6 +21,10 @@ EVAL_TEMPLATE = "Please segment {expression}."
 TARGET_ANSWER = "Sure, <seg>."
 DESCRIBED_TARGET_ANSWER = "Sure, {description} <seg>."
 NO_TARGET_ANSWER = "There is no such object in the image."
+# Answers to relational expressions that first say where the anchor is, then which object stands in the relation
+# to it (see relational_answer).
+RELATIONAL_TARGET_ANSWER = "{anchor} is {anchor_region}, and the {subject} {relation} it is {description} <seg>."
+RELATIONAL_NO_TARGET_ANSWER = "{anchor} is {anchor_region}, and there is no {subject} {relation} it."
 
 # Where an object's centre lies, in thirds of the image: (row, column) -> phrase.
 _REGION_PHRASES = {
@@ -82,6 +86,29 @@ def segment_answer(has_target: bool, description: str | None = None) -> str:
     if not has_target:
         return NO_TARGET_ANSWER
     return DESCRIBED_TARGET_ANSWER.format(description=description) if description else TARGET_ANSWER
+
+
+def relational_answer(anchor: str, anchor_region: str, subject: str, relation: str,
+                      description: str | None) -> str:
+    """The answer to a relational request ("the star left of the red star") that reasons in two written steps:
+    where the anchor is, then which object stands in the relation to it, e.g. "The red star is at the top right,
+    and the star left of it is the blue star at the top <seg>." or, with ``description`` None (no such object),
+    "The red star is at the top right, and there is no star left of it."
+
+    Why: a one-step answer must find the anchor, compare every candidate with it and name the winner within the
+    tokens of one description. Written out, finding the anchor is the attribute task the model already does well,
+    and the target's words are predicted with the anchor's place and the relation in the context just before them.
+
+    ``anchor``, ``subject``: noun phrases as the request words them ("red star", "star", "object");
+    ``anchor_region``: :func:`region_phrase` of the anchor; ``description``: :func:`target_description`.
+    """
+    anchor = f"The {anchor}"
+    if description is None:
+        subject = "object" if subject == "one" else subject  # "there is no one left of it" reads as a person
+        return RELATIONAL_NO_TARGET_ANSWER.format(anchor=anchor, anchor_region=anchor_region, subject=subject,
+                                                  relation=relation)
+    return RELATIONAL_TARGET_ANSWER.format(anchor=anchor, anchor_region=anchor_region, subject=subject,
+                                           relation=relation, description=description)
 
 
 # Object listing: an understanding task whose answer reads every object off the image in a fixed order, so the

@@ -65,6 +65,8 @@ __all__ = [
     "resolve",
     "render",
     "parse_expression",
+    "split_relation",
+    "RelationParts",
     "expr_type",
     "mask_centroid",
     "write_synthref",
@@ -385,6 +387,37 @@ def parse_expression(sentence: str) -> Expr:
         arg = next(d for (d, _), (pre, post) in _EXTREME_WORDS.items() if word in pre or word in post)
         return Expr("extreme", desc, arg)
     raise ValueError(f"not a SynthRef expression: {sentence!r}")
+
+
+@dataclass(frozen=True)
+class RelationParts:
+    """A relational sentence cut into its words as the user wrote them: "the star to the left of the red star"
+    gives ``subject="star"``, ``relation="to the left of"``, ``anchor="red star"`` and
+    ``anchor_desc=Desc("red", "star")``."""
+
+    subject: str
+    relation: str
+    anchor: str
+    anchor_desc: Desc
+
+
+def split_relation(sentence: str) -> RelationParts | None:
+    """The parts of a SynthRef relational sentence ("the star left of the red star"), or None for any other
+    sentence (another SynthRef form, or one outside the grammar such as refCOCO's)."""
+    global _PARSER
+    if _PARSER is None:
+        _PARSER = _build_parser()
+    text = " ".join(re.sub(r"[^a-z ]", " ", sentence.lower()).split())
+    op, pattern = _PARSER[0]
+    assert op == "relation"  # the parser tries the relational form first
+    mt = pattern.match(text)
+    if mt is None:
+        return None
+
+    def words(prefix: str) -> str:
+        return " ".join(w for w in (mt.group(f"{prefix}c"), mt.group(f"{prefix}n")) if w)
+
+    return RelationParts(words("a"), mt.group("rel"), words("b"), _desc_from(mt, "b"))
 
 
 # --------------------------------------------------------------------------------------
