@@ -12,8 +12,9 @@ k-th sentence with a target (at most ``--limit``), it reports
   ``named_object``: the share that name the referent's colour and kind ("the red cross"), place aside;
 - ``ciou_own``: cIoU with the model's own answers (as ``synthref_eval.py``), and split into the sentences whose
   answer was right (``ciou_named``) and wrong (``ciou_misnamed``);
-- ``ciou_forced``: cIoU with the true description forced as the answer up to the mask point (the model draws the
-  mask given the right words).
+- ``ciou_forced``: cIoU with the true answer forced up to the mask point (the model draws the mask given the
+  right words): the answer the model was trained to give (its ``train_config.json``; the two-step answer to a
+  relational request with ``train.reason_relations``).
 
 Reading it: low ``named`` is a reasoning failure in the text; ``ciou_forced`` well below the attribute sentences'
 cIoU means the mask does not follow the words. Session 18 on seed-1 testB (200 sentences): ``synthref-stamp``
@@ -32,7 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmseg.data.prompts import EVAL_TEMPLATE, segment_answer, target_description  # noqa: E402
+from mmseg.config import saved_train_settings  # noqa: E402
+from mmseg.data.collate import training_answer  # noqa: E402
+from mmseg.data.prompts import EVAL_TEMPLATE, target_description  # noqa: E402
 from mmseg.data.refer import ReferDataset  # noqa: E402
 from mmseg.evaluation import predicted_mask  # noqa: E402
 from mmseg.generation import generate  # noqa: E402
@@ -40,10 +43,17 @@ from mmseg.imageio import load_image  # noqa: E402
 from mmseg.predictor import Segmenter, logits_to_original  # noqa: E402
 
 
-def forced_prefix(processor, mask_point_token_id: int, description: str) -> list[int]:
-    """The target answer naming ``description``, as ids up to and including the head's mask-point token."""
-    ids = processor.encode_model_text(segment_answer(True, description))
+def forced_prefix(processor, mask_point_token_id: int, answer: str) -> list[int]:
+    """A target ``answer`` (text with ``<seg>``) as ids up to and including the head's mask-point token."""
+    ids = processor.encode_model_text(answer)
     return ids[: ids.index(processor.seg_token_id)] + [mask_point_token_id]
+
+
+def named_part(text: str) -> str:
+    """The words of an answer that name its target: after " it is " in a two-step relational answer ("The red star
+    is at the top right, and the star left of it is the blue star at the top"), so that the request's words
+    restated before it never count; the whole text otherwise."""
+    return text.rsplit(" it is ", 1)[-1]
 
 
 def _stats(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -51,8 +61,12 @@ def _stats(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def described(segmenter: Segmenter, dataset: ReferDataset, limit: int | None = None, batch_size: int = 16) -> dict:
-    """The figures above for one split (see the module docstring)."""
+def described(segmenter: Segmenter, dataset: ReferDataset, limit: int | None = None, batch_size: int = 16,
+              train: dict | None = None) -> dict:
+    """The figures above for one split (see the module docstring). ``train``: the model's training settings
+    (:func:`~mmseg.config.saved_train_settings`), which choose the forced answer's form."""
+    train = train or {}
+    describe, reason = bool(train.get("describe_targets", True)), bool(train.get("reason_relations", False))
     model, processor = segmenter.model, segmenter.processor
     model.eval()
     indices = [i for i in range(len(dataset)) if target_description(dataset[i]) is not None]
@@ -71,16 +85,16 @@ def described(segmenter: Segmenter, dataset: ReferDataset, limit: int | None = N
             model, [processor.encode_chat(c)[0] for c in conversations], torch.stack(pixels).to(model.device),
             eos_token_id=processor.eos_token_id, pad_token_id=processor.pad_token_id,
             max_new_tokens=segmenter.max_new_tokens,
-            answer_prefix=[forced_prefix(processor, model.head.mask_point_token_id, target_description(s))
-                           for s in samples],
+            answer_prefix=[forced_prefix(processor, model.head.mask_point_token_id,
+                                         training_answer(dataset, s, describe, reason)) for s in samples],
         )
         for row, sample in enumerate(samples):
             description = target_description(sample)
             color = (sample.attributes or {}).get("color")
             noun = f"the {color} {sample.category}" if color else f"the {sample.category}"
-            right = description in own[row].text
+            right = description in named_part(own[row].text)
             named += right
-            named_object += noun in own[row].text
+            named_object += noun in named_part(own[row].text)
             stats = _stats(predicted_mask(own[row], sample.mask.shape), sample.mask)
             tally["own"] += stats
             tally["named" if right else "misnamed"] += stats
@@ -108,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     segmenter = Segmenter.from_pretrained(args.model)
-    results = {split: described(segmenter, ReferDataset(args.data, "synthref", "unc", split), args.limit)
+    train = saved_train_settings(args.model)
+    results = {split: described(segmenter, ReferDataset(args.data, "synthref", "unc", split), args.limit, train=train)
                for split in args.splits}
     columns = ("named", "named_object", "ciou_own", "ciou_named", "ciou_misnamed", "ciou_forced")
     print(f"{'split':8s} {'n':>4s} " + " ".join(f"{c:>13s}" for c in columns))

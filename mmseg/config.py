@@ -337,3 +337,21 @@ def load_preset(name_or_path: str | Path, overrides: list[str] | None = None) ->
         model=ModelConfig.from_dict(data.get("model", {})),
         train=_from_dict(TrainConfig, data.get("train", {}), f"preset {name}.train"),
     )
+
+
+# Written by the training commands beside a checkpoint: {"preset": ..., "train": TrainConfig as a dict, ...}.
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+def saved_train_settings(model_dir: str | Path) -> dict[str, Any]:
+    """The ``train`` settings a checkpoint folder was trained with (from its :data:`TRAIN_CONFIG_FILE`); {} for a
+    folder without one (e.g. a model assembled from pretrained parts), so callers fall back to the defaults."""
+    path = Path(model_dir) / TRAIN_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); it should be the file the training command wrote") from err
+    train = saved.get("train") if isinstance(saved, dict) else None
+    return train if isinstance(train, dict) else {}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mmseg.config import Preset
+from mmseg.config import TRAIN_CONFIG_FILE, Preset
 from mmseg.data.collate import Collator, ExamplePool
 from mmseg.data.prompts import (LIST_TEMPLATES, NO_TARGET_ANSWER, REGION_PHRASES, RELATIONAL_NO_TARGET_ANSWER,
                                  RELATIONAL_TARGET_ANSWER, SEGMENT_TEMPLATES, TARGET_ANSWER)
@@ -262,7 +262,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
             unwrapped.save_pretrained(out_dir)
             processor.save_pretrained(out_dir)
             (state_dir / "progress.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed()}))
-            (out_dir / "train_config.json").write_text(json.dumps(
+            (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(
                 {"preset": preset.name, "train": asdict(cfg), "data": str(data_dir), "world_size": world,
                  "init": str(init) if init is not None else None}, indent=2))
             (out_dir / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmseg.config import ModelConfig, Preset
-from mmseg.data.prompts import SEGMENT_TEMPLATES, segment_answer, target_description
+from mmseg.config import TRAIN_CONFIG_FILE, ModelConfig, Preset, saved_train_settings
+from mmseg.data.prompts import SEGMENT_TEMPLATES, TARGET_ANSWER, segment_answer, target_description
 from mmseg.modeling.heads.shaper import ShaperConfig, ShaperHead, shaper_from_himtok
 from mmseg.modeling.model import CONFIG_FILE, MMSegModel
 from mmseg.modeling.shaper.invoker import group_advantages, reinforce_loss
@@ -222,26 +222,29 @@ def mask_iou(answer: Any, target) -> float:
     return inter / union if union else 1.0
 
 
-def answer_prefix(processor: Any, head: ShaperHead, description: str | None = None) -> list[int]:
-    """The target answer's ids up to its mask point, ending with ``<mt_start>`` (e.g. ``Sure, the red circle on
-    the left <mt_start>`` with a description, as the backbone was trained to answer, else ``Sure, <mt_start>``)."""
-    ids = processor.encode_model_text(segment_answer(True, description))
+def answer_prefix(processor: Any, head: ShaperHead, answer: str = TARGET_ANSWER) -> list[int]:
+    """A target ``answer``'s ids (text with ``<seg>``) up to its mask point, ending with ``<mt_start>`` (e.g.
+    ``Sure, the red circle on the left <mt_start>``, as the backbone was trained to answer)."""
+    ids = processor.encode_model_text(answer)
     return ids[: ids.index(processor.seg_token_id)] + [head.mt_start_id]
 
 
 def rollouts(model: MMSegModel, processor: Any, samples: Sequence[Any], prompts: Sequence[str], group: int,
-             seed: int) -> tuple[list[list[Any]], list[Any]]:
+             seed: int, texts: Sequence[str] | None = None) -> tuple[list[list[Any]], list[Any]]:
     """For each sample: ``group`` answers with the learned policy SAMPLED (seed ``seed``), and one without invocation.
 
     Answers come from :func:`mmseg.generation.generate` with the answer text forced up to ``<mt_start>`` (stage 2
-    trains the mask-token decoding, not the text); masks are at each image's original size."""
+    trains the mask-token decoding, not the text): ``texts``, one true answer per sample in the form the backbone
+    was trained on (None: the one-step answer naming each target); masks are at each image's original size."""
     from mmseg.generation import generate
     from mmseg.imageio import load_image
     from mmseg.predictor import Answer, logits_to_original
 
     head: ShaperHead = model.head
     # The ground-truth description is forced (stage 2 trains mask-token decoding, not the text before it).
-    prefixes = [answer_prefix(processor, head, target_description(sample)) for sample in samples]
+    if texts is None:
+        texts = [segment_answer(True, target_description(sample)) for sample in samples]
+    prefixes = [answer_prefix(processor, head, text) for text in texts]
     pixels, boxes, ids = [], [], []
     for sample, prompt in zip(samples, prompts):
         px, box = processor.preprocess_image(load_image(sample.image_path))
@@ -375,7 +378,7 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from mmseg.data.collate import Collator, ExamplePool
+    from mmseg.data.collate import Collator, ExamplePool, training_answer
     from mmseg.data.refer import ReferDataset
     from mmseg.modeling.builder import is_checkpoint, load_pretrained
     from mmseg.modeling.heads import head_config
@@ -410,7 +413,11 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
 
     train_set = ReferDataset(data_dir, "synthref", "unc", "train")
     val_set = ReferDataset(data_dir, "synthref", "unc", "val")
-    pool = ExamplePool(train_set, [], train_set.image_root, describe_targets=preset.train.describe_targets)
+    # Answers take the form the backbone was trained to give (its saved settings), else the preset's.
+    base = saved_train_settings(options.init_from) if options.init_from else {}
+    describe = bool(base.get("describe_targets", preset.train.describe_targets))
+    reason = bool(base.get("reason_relations", preset.train.reason_relations))
+    pool = ExamplePool(train_set, [], train_set.image_root, describe_targets=describe, reason_relations=reason)
     target_types = [t for t in pool.by_type if t != "no_target"]
     target_indices = [i for t in target_types for i in pool.by_type[t]]
     if not target_indices:
@@ -466,7 +473,7 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
             processor.save_pretrained(out_dir)
             (state_dir / PROGRESS_FILE).write_text(json.dumps(
                 {"stage": stage, "step": step, "stage1_steps": stage1_done, "elapsed_s": elapsed()}))
-            (out_dir / "train_config.json").write_text(json.dumps(
+            (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(
                 {"preset": preset.name, "train": asdict(cfg), "head": head.options(), "stage1_steps": steps1,
                  "stage2_steps": steps2, "data": str(data_dir), "world_size": world}, indent=2))
             (out_dir / HISTORY_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -538,7 +545,8 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
         samples = [train_set[i] for i in chosen[rank::world]]
         prompts = [template.format(expression=s.sentence) for template, s in zip(templates, samples)]
         seed = (cfg.seed * 1_000_003 + step) * world + rank  # each process samples its own decisions
-        answers, baseline = rollouts(model, processor, samples, prompts, group_size, seed)
+        texts = [training_answer(train_set, s, describe, reason) for s in samples]
+        answers, baseline = rollouts(model, processor, samples, prompts, group_size, seed, texts)
         features, actions, advantages, stats = policy_batch(answers, baseline, [s.mask for s in samples],
                                                             options.invoke_cost, accelerator.device)
         loss = objective2(features, actions, advantages, per_process * group_size)

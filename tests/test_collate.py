@@ -132,6 +132,52 @@ def test_description_without_colour_uses_the_category_alone():
     assert target_description(SimpleNamespace(has_target=False, category=None, attributes=None, mask=mask)) is None
 
 
+def test_relational_answers_say_where_the_anchor_is_before_naming_the_target(pool):
+    """With reason_relations, a relational request is answered in two written steps: the anchor's place, then the
+    object in the relation to it (or that there is none); every other request keeps its one-step answer."""
+    from mmseg.data.prompts import region_phrase, target_description
+    from mmseg.data.synthetic import split_relation
+
+    reasoning = ExamplePool(pool.refer, [], pool.image_root, reason_relations=True)
+    rng = random.Random(0)
+    seen = {True: 0, False: 0}
+    for index in range(len(pool.refer)):
+        sample = pool.refer[index]
+        answer = reasoning.segmentation(index, rng).answer
+        parts = split_relation(sample.sentence)
+        if parts is None:
+            assert answer == pool.segmentation(index, rng).answer
+            continue
+        want = parts.anchor_desc
+        anchor = [m for m, labels in pool.refer.image_objects(sample.image_id)
+                  if want.color in (None, labels["color"]) and want.kind in (None, labels["kind"])]
+        assert len(anchor) == 1  # SynthRef names its anchors uniquely
+        assert answer.startswith(f"The {parts.anchor} is {region_phrase(anchor[0])}, and ")
+        if sample.has_target:
+            assert answer.endswith(f" the {parts.subject} {parts.relation} it is {target_description(sample)} <seg>.")
+        else:
+            subject = "object" if parts.subject == "one" else parts.subject
+            assert answer.endswith(f" there is no {subject} {parts.relation} it.") and "<seg>" not in answer
+        seen[sample.has_target] += 1
+    assert seen[True] and seen[False]
+    # without descriptions there is nothing to reason in: the plain answer
+    plain = ExamplePool(pool.refer, [], pool.image_root, describe_targets=False, reason_relations=True)
+    index = next(i for i in range(len(pool.refer)) if split_relation(pool.refer[i].sentence) and pool.refer[i].has_target)
+    assert plain.segmentation(index, rng).answer == "Sure, <seg>."
+
+
+def test_split_relation_reads_the_request_words():
+    from mmseg.data.synthetic import Desc, split_relation
+
+    parts = split_relation("The star to the left of the red star.")
+    assert (parts.subject, parts.relation, parts.anchor, parts.anchor_desc) == (
+        "star", "to the left of", "red star", Desc("red", "star"))
+    parts = split_relation("the green one next to the blue object")
+    assert (parts.subject, parts.anchor, parts.anchor_desc) == ("green one", "blue object", Desc("blue", None))
+    for other in ("the red circle", "the leftmost star", "the man on the left", ""):
+        assert split_relation(other) is None
+
+
 def test_object_listing_reads_every_object_in_reading_order(pool):
     """"Describe the objects" answers count the image's objects and list each with colour, kind and region, top
     row first, left to right; the draw mixes them in at ``list_fraction``."""

@@ -99,3 +99,16 @@ def test_overrides_set_nested_values_parsed_as_json():
 def test_bad_overrides_are_clear_errors(override, message):
     with pytest.raises(ValueError, match=message):
         load_preset("tiny-stamp", [override])
+
+
+def test_saved_train_settings_read_what_training_wrote(tmp_path):
+    """The settings a checkpoint was trained with (which form its answers take); {} for a folder without them,
+    a clear error for a file that is not the one training writes."""
+    from mmseg.config import TRAIN_CONFIG_FILE, saved_train_settings
+
+    assert saved_train_settings(tmp_path) == {}
+    (tmp_path / TRAIN_CONFIG_FILE).write_text(json.dumps({"preset": "tiny-himtok", "train": {"reason_relations": True}}))
+    assert saved_train_settings(tmp_path) == {"reason_relations": True}
+    (tmp_path / TRAIN_CONFIG_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="train_config.json is not valid JSON"):
+        saved_train_settings(tmp_path)

@@ -208,8 +208,12 @@ def test_description_benchmark_separates_naming_from_drawing(synthref_root, tmp_
     assert row["n"] == 8 and 0 <= row["named"] <= row["named_object"] <= 1 and 0 <= row["ciou_forced"] <= 1
     assert "ciou_forced" in capsys.readouterr().out
     # the forced answer ends at the head's mask point, after the description's words
-    ids = bench.forced_prefix(proc, model.head.mask_point_token_id, "the red circle on the left")
+    ids = bench.forced_prefix(proc, model.head.mask_point_token_id, "Sure, the red circle on the left <seg>.")
     assert ids[-1] == model.head.mask_point_token_id and "red circle on the left" in proc.decode(ids[:-1])
+    # a two-step relational answer names its target after " it is ": the restated request never counts
+    two_step = "The red star is at the top right, and the blue star left of it is the green circle on the left"
+    assert bench.named_part(two_step) == "the green circle on the left"
+    assert bench.named_part("Sure, the blue star at the top <seg>.") == "Sure, the blue star at the top <seg>."
     # answers that name the referent and draw its mask score 1 wherever they are read
     dataset = ReferDataset(synthref_root, "synthref", "unc", "val")
     truth = {(str(s.image_path), EVAL_TEMPLATE.format(expression=s.sentence)): s

@@ -59,6 +59,18 @@ def reasoned_answer(refer, sample) -> str | None:
     return relational_answer(parts.anchor, region, parts.subject, parts.relation, description)
 
 
+def training_answer(refer, sample, describe_targets: bool = True, reason_relations: bool = False) -> str:
+    """The answer a preset trains for a referring ``sample`` of ``refer``: with ``reason_relations``, the two-step
+    answer where there is one (:func:`reasoned_answer`); else :func:`~mmseg.data.prompts.segment_answer`, naming
+    the target first with ``describe_targets``. Settings as ``train.describe_targets`` and
+    ``train.reason_relations``."""
+    if describe_targets and reason_relations:
+        answer = reasoned_answer(refer, sample)
+        if answer is not None:
+            return answer
+    return segment_answer(sample.has_target, target_description(sample) if describe_targets else None)
+
+
 class ExamplePool:
     """Referring-segmentation samples and QA pairs of one split, drawn by index with a caller's RNG."""
 
@@ -87,11 +99,7 @@ class ExamplePool:
                        self._objects(sample.image_id), focus=sample.mask)
 
     def _answer(self, sample) -> str:
-        if self.describe_targets and self.reason_relations:
-            answer = reasoned_answer(self.refer, sample)
-            if answer is not None:
-                return answer
-        return segment_answer(sample.has_target, target_description(sample) if self.describe_targets else None)
+        return training_answer(self.refer, sample, self.describe_targets, self.reason_relations)
 
     def question(self, index: int) -> Example:
         item = self.qa[index]
