@@ -228,6 +228,10 @@ def test_policy_rollouts_force_the_answer_up_to_the_mask(pair, synthref_root):
     _, shaper, proc = pair
     prefix = answer_prefix(proc, shaper.head)
     assert prefix[-1] == shaper.head.mt_start_id and proc.seg_token_id not in prefix
+    # a backbone trained on two-step relational answers gets its whole first step forced too
+    two_step = "The red star is at the top right, and the star left of it is the blue star at the top <seg>."
+    prefix = answer_prefix(proc, shaper.head, two_step)
+    assert prefix[-1] == shaper.head.mt_start_id and "left of it is the blue star" in proc.decode(prefix[:-1])
     gen = _generate(shaper, proc, QUERIES, invoke="never")
     assert all(not masks for masks in gen.masks)  # left alone, the untrained LM opens no mask
     data = ReferDataset(synthref_root, "synthref", "unc", "train")
