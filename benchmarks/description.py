@@ -38,15 +38,9 @@ from mmseg.data.collate import training_answer  # noqa: E402
 from mmseg.data.prompts import EVAL_TEMPLATE, target_description  # noqa: E402
 from mmseg.data.refer import ReferDataset  # noqa: E402
 from mmseg.evaluation import predicted_mask  # noqa: E402
-from mmseg.generation import generate  # noqa: E402
+from mmseg.generation import answer_prefix_ids, generate  # noqa: E402
 from mmseg.imageio import load_image  # noqa: E402
 from mmseg.predictor import Segmenter, logits_to_original  # noqa: E402
-
-
-def forced_prefix(processor, mask_point_token_id: int, answer: str) -> list[int]:
-    """A target ``answer`` (text with ``<seg>``) as ids up to and including the head's mask-point token."""
-    ids = processor.encode_model_text(answer)
-    return ids[: ids.index(processor.seg_token_id)] + [mask_point_token_id]
 
 
 def named_part(text: str) -> str:
@@ -85,8 +79,8 @@ def described(segmenter: Segmenter, dataset: ReferDataset, limit: int | None = N
             model, [processor.encode_chat(c)[0] for c in conversations], torch.stack(pixels).to(model.device),
             eos_token_id=processor.eos_token_id, pad_token_id=processor.pad_token_id,
             max_new_tokens=segmenter.max_new_tokens,
-            answer_prefix=[forced_prefix(processor, model.head.mask_point_token_id,
-                                         training_answer(dataset, s, describe, reason)) for s in samples],
+            answer_prefix=[answer_prefix_ids(processor, training_answer(dataset, s, describe, reason),
+                                             model.head.mask_point_token_id) for s in samples],
         )
         for row, sample in enumerate(samples):
             description = target_description(sample)

@@ -152,6 +152,13 @@ def start_session(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_val
     return session, session.prompt_hidden
 
 
+def answer_prefix_ids(processor, answer: str, mask_point_token_id: int) -> list[int]:
+    """A target ``answer`` (text with ``<seg>``, e.g. "Sure, the red circle on the left <seg>.") as ids up to and
+    including the head's mask-point token: one row of :func:`generate`'s ``answer_prefix``."""
+    ids = processor.encode_model_text(answer)
+    return ids[: ids.index(processor.seg_token_id)] + [mask_point_token_id]
+
+
 @torch.inference_mode()
 def generate(model: MMSegModel, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor, *, eos_token_id: int,
              pad_token_id: int, mask_token_id: int | None = None, max_new_tokens: int = 48,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmseg.config import TRAIN_CONFIG_FILE, ModelConfig, Preset, saved_train_settings
-from mmseg.data.prompts import SEGMENT_TEMPLATES, TARGET_ANSWER, segment_answer, target_description
+from mmseg.data.prompts import SEGMENT_TEMPLATES, segment_answer, target_description
 from mmseg.modeling.heads.shaper import ShaperConfig, ShaperHead, shaper_from_himtok
 from mmseg.modeling.model import CONFIG_FILE, MMSegModel
 from mmseg.modeling.shaper.invoker import group_advantages, reinforce_loss
@@ -222,13 +222,6 @@ def mask_iou(answer: Any, target) -> float:
     return inter / union if union else 1.0
 
 
-def answer_prefix(processor: Any, head: ShaperHead, answer: str = TARGET_ANSWER) -> list[int]:
-    """A target ``answer``'s ids (text with ``<seg>``) up to its mask point, ending with ``<mt_start>`` (e.g.
-    ``Sure, the red circle on the left <mt_start>``, as the backbone was trained to answer)."""
-    ids = processor.encode_model_text(answer)
-    return ids[: ids.index(processor.seg_token_id)] + [head.mt_start_id]
-
-
 def rollouts(model: MMSegModel, processor: Any, samples: Sequence[Any], prompts: Sequence[str], group: int,
              seed: int, texts: Sequence[str] | None = None) -> tuple[list[list[Any]], list[Any]]:
     """For each sample: ``group`` answers with the learned policy SAMPLED (seed ``seed``), and one without invocation.
@@ -236,7 +229,7 @@ def rollouts(model: MMSegModel, processor: Any, samples: Sequence[Any], prompts:
     Answers come from :func:`mmseg.generation.generate` with the answer text forced up to ``<mt_start>`` (stage 2
     trains the mask-token decoding, not the text): ``texts``, one true answer per sample in the form the backbone
     was trained on (None: the one-step answer naming each target); masks are at each image's original size."""
-    from mmseg.generation import generate
+    from mmseg.generation import answer_prefix_ids, generate
     from mmseg.imageio import load_image
     from mmseg.predictor import Answer, logits_to_original
 
@@ -244,7 +237,7 @@ def rollouts(model: MMSegModel, processor: Any, samples: Sequence[Any], prompts:
     # The ground-truth description is forced (stage 2 trains mask-token decoding, not the text before it).
     if texts is None:
         texts = [segment_answer(True, target_description(sample)) for sample in samples]
-    prefixes = [answer_prefix(processor, head, text) for text in texts]
+    prefixes = [answer_prefix_ids(processor, text, head.mask_point_token_id) for text in texts]
     pixels, boxes, ids = [], [], []
     for sample, prompt in zip(samples, prompts):
         px, box = processor.preprocess_image(load_image(sample.image_path))

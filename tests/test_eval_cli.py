@@ -196,6 +196,7 @@ def test_grounding_benchmark_reads_the_gate_per_type(synthref_root, tmp_path, ca
 def test_description_benchmark_separates_naming_from_drawing(synthref_root, tmp_path, capsys, monkeypatch):
     from mmseg.data.prompts import EVAL_TEMPLATE, target_description
     from mmseg.data.refer import ReferDataset
+    from mmseg.generation import answer_prefix_ids
     from mmseg.predictor import Answer, Segmenter
 
     bench = _benchmark("description")
@@ -208,7 +209,7 @@ def test_description_benchmark_separates_naming_from_drawing(synthref_root, tmp_
     assert row["n"] == 8 and 0 <= row["named"] <= row["named_object"] <= 1 and 0 <= row["ciou_forced"] <= 1
     assert "ciou_forced" in capsys.readouterr().out
     # the forced answer ends at the head's mask point, after the description's words
-    ids = bench.forced_prefix(proc, model.head.mask_point_token_id, "Sure, the red circle on the left <seg>.")
+    ids = answer_prefix_ids(proc, "Sure, the red circle on the left <seg>.", model.head.mask_point_token_id)
     assert ids[-1] == model.head.mask_point_token_id and "red circle on the left" in proc.decode(ids[:-1])
     # a two-step relational answer names its target after " it is ": the restated request never counts
     two_step = "The red star is at the top right, and the blue star left of it is the green circle on the left"

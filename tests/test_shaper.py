@@ -223,14 +223,16 @@ def test_policy_rollouts_force_the_answer_up_to_the_mask(pair, synthref_root):
     """Stage 2 trains the mask-token decoding: the answer text is forced up to <mt_start> (generate's
     answer_prefix), so even an untrained model opens a mask and the sampled policy decides at its checkpoints."""
     from mmseg.data.refer import ReferDataset
-    from mmseg.train_shaper import answer_prefix, rollouts
+    from mmseg.data.prompts import TARGET_ANSWER
+    from mmseg.generation import answer_prefix_ids
+    from mmseg.train_shaper import rollouts
 
     _, shaper, proc = pair
-    prefix = answer_prefix(proc, shaper.head)
+    prefix = answer_prefix_ids(proc, TARGET_ANSWER, shaper.head.mask_point_token_id)
     assert prefix[-1] == shaper.head.mt_start_id and proc.seg_token_id not in prefix
     # a backbone trained on two-step relational answers gets its whole first step forced too
     two_step = "The red star is at the top right, and the star left of it is the blue star at the top <seg>."
-    prefix = answer_prefix(proc, shaper.head, two_step)
+    prefix = answer_prefix_ids(proc, two_step, shaper.head.mask_point_token_id)
     assert prefix[-1] == shaper.head.mt_start_id and "left of it is the blue star" in proc.decode(prefix[:-1])
     gen = _generate(shaper, proc, QUERIES, invoke="never")
     assert all(not masks for masks in gen.masks)  # left alone, the untrained LM opens no mask

@@ -48,10 +48,8 @@ def reasoned_answer(refer, sample) -> str | None:
     parts = split_relation(sample.sentence)
     if parts is None or int(sample.image_id) not in refer.images:
         return None
-    want = parts.anchor_desc
     anchors = [mask for mask, labels in refer.image_objects(int(sample.image_id))
-               if (want.color is None or labels.get("color") == want.color)
-               and (want.kind is None or labels.get("kind") == want.kind)]
+               if parts.anchor_desc.accepts(labels.get("color"), labels.get("kind"))]
     region = region_phrase(anchors[0]) if len(anchors) == 1 else None
     description = target_description(sample) if sample.has_target else None
     if region is None or (sample.has_target and description is None):
@@ -94,12 +92,9 @@ class ExamplePool:
         sample = self.refer[index]
         mask = sample.mask if sample.has_target else None
         if index not in self._answers:  # memoised: finding a mask's centre is a full-image scan
-            self._answers[index] = self._answer(sample)
+            self._answers[index] = training_answer(self.refer, sample, self.describe_targets, self.reason_relations)
         return Example(sample.image_path, segment_prompt(sample.sentence, rng), self._answers[index], mask,
                        self._objects(sample.image_id), focus=sample.mask)
-
-    def _answer(self, sample) -> str:
-        return training_answer(self.refer, sample, self.describe_targets, self.reason_relations)
 
     def question(self, index: int) -> Example:
         item = self.qa[index]

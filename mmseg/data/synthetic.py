@@ -154,7 +154,11 @@ class Desc:
     kind: str | None = None
 
     def matches(self, obj: "SceneObject") -> bool:
-        return (self.color is None or obj.color == self.color) and (self.kind is None or obj.kind == self.kind)
+        return self.accepts(obj.color, obj.kind)
+
+    def accepts(self, color: str | None, kind: str | None) -> bool:
+        """Whether an object of this colour and kind fits (e.g. an annotation's labels)."""
+        return (self.color is None or color == self.color) and (self.kind is None or kind == self.kind)
 
     @property
     def empty(self) -> bool:
@@ -357,16 +361,21 @@ def _desc_from(match: re.Match[str], prefix: str) -> Desc:
     return Desc(match.group(f"{prefix}c"), None if noun in GENERIC_NOUNS else noun)
 
 
+def _parse(sentence: str) -> tuple[list[tuple[str, re.Pattern[str]]], str]:
+    """The parser's forms (built on first use, not at import time) and ``sentence`` normalised for them."""
+    global _PARSER
+    if _PARSER is None:
+        _PARSER = _build_parser()
+    return _PARSER, " ".join(re.sub(r"[^a-z ]", " ", sentence.lower()).split())
+
+
 def parse_expression(sentence: str) -> Expr:
     """Parse a SynthRef sentence (any phrasing :func:`render` produces) back into its program.
 
     Raises ``ValueError`` for sentences outside the SynthRef grammar.
     """
-    global _PARSER
-    if _PARSER is None:  # built on first use, not at import time
-        _PARSER = _build_parser()
-    text = " ".join(re.sub(r"[^a-z ]", " ", sentence.lower()).split())
-    for op, pattern in _PARSER:
+    forms, text = _parse(sentence)
+    for op, pattern in forms:
         mt = pattern.match(text)
         if mt is None:
             continue
@@ -404,11 +413,8 @@ class RelationParts:
 def split_relation(sentence: str) -> RelationParts | None:
     """The parts of a SynthRef relational sentence ("the star left of the red star"), or None for any other
     sentence (another SynthRef form, or one outside the grammar such as refCOCO's)."""
-    global _PARSER
-    if _PARSER is None:
-        _PARSER = _build_parser()
-    text = " ".join(re.sub(r"[^a-z ]", " ", sentence.lower()).split())
-    op, pattern = _PARSER[0]
+    forms, text = _parse(sentence)
+    op, pattern = forms[0]
     assert op == "relation"  # the parser tries the relational form first
     mt = pattern.match(text)
     if mt is None:
