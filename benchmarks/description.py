@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmseg.config import saved_train_settings  # noqa: E402
+from mmseg.config import trained_answer_form  # noqa: E402
 from mmseg.data.collate import training_answer  # noqa: E402
 from mmseg.data.prompts import EVAL_TEMPLATE, target_description  # noqa: E402
 from mmseg.data.refer import ReferDataset  # noqa: E402
@@ -56,11 +56,11 @@ def _stats(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def described(segmenter: Segmenter, dataset: ReferDataset, limit: int | None = None, batch_size: int = 16,
-              train: dict | None = None) -> dict:
-    """The figures above for one split (see the module docstring). ``train``: the model's training settings
-    (:func:`~mmseg.config.saved_train_settings`), which choose the forced answer's form."""
-    train = train or {}
-    describe, reason = bool(train.get("describe_targets", True)), bool(train.get("reason_relations", False))
+              answer_form: tuple[bool, bool] = (True, False)) -> dict:
+    """The figures above for one split (see the module docstring). ``answer_form``: ``(describe_targets,
+    reason_relations)`` the model was trained with (:func:`~mmseg.config.trained_answer_form`), which choose the
+    forced answer's form."""
+    describe, reason = answer_form
     model, processor = segmenter.model, segmenter.processor
     model.eval()
     indices = [i for i in range(len(dataset)) if target_description(dataset[i]) is not None]
@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     segmenter = Segmenter.from_pretrained(args.model)
-    train = saved_train_settings(args.model)
-    results = {split: described(segmenter, ReferDataset(args.data, "synthref", "unc", split), args.limit, train=train)
+    form = trained_answer_form(args.model)
+    results = {split: described(segmenter, ReferDataset(args.data, "synthref", "unc", split), args.limit,
+                                answer_form=form)
                for split in args.splits}
     columns = ("named", "named_object", "ciou_own", "ciou_named", "ciou_misnamed", "ciou_forced")
     print(f"{'split':8s} {'n':>4s} " + " ".join(f"{c:>13s}" for c in columns))

@@ -359,3 +359,12 @@ def saved_train_settings(model_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({err}); it should be the file the training command wrote") from err
     train = saved.get("train") if isinstance(saved, dict) else None
     return train if isinstance(train, dict) else {}
+
+
+def trained_answer_form(model_dir: str | Path | None, fallback: TrainConfig | None = None) -> tuple[bool, bool]:
+    """``(describe_targets, reason_relations)``: the form of answer the checkpoint in ``model_dir`` was trained to
+    give (its saved train settings), ``fallback``'s (default: :class:`TrainConfig`'s defaults) where it saved none."""
+    fallback = fallback or TrainConfig()
+    saved = saved_train_settings(model_dir) if model_dir else {}
+    return (bool(saved.get("describe_targets", fallback.describe_targets)),
+            bool(saved.get("reason_relations", fallback.reason_relations)))

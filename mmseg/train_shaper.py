@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmseg.config import TRAIN_CONFIG_FILE, ModelConfig, Preset, saved_train_settings
+from mmseg.config import TRAIN_CONFIG_FILE, ModelConfig, Preset, trained_answer_form
 from mmseg.data.prompts import SEGMENT_TEMPLATES, segment_answer, target_description
 from mmseg.modeling.heads.shaper import ShaperConfig, ShaperHead, shaper_from_himtok
 from mmseg.modeling.model import CONFIG_FILE, MMSegModel
@@ -407,9 +407,7 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
     train_set = ReferDataset(data_dir, "synthref", "unc", "train")
     val_set = ReferDataset(data_dir, "synthref", "unc", "val")
     # Answers take the form the backbone was trained to give (its saved settings), else the preset's.
-    base = saved_train_settings(options.init_from) if options.init_from else {}
-    describe = bool(base.get("describe_targets", preset.train.describe_targets))
-    reason = bool(base.get("reason_relations", preset.train.reason_relations))
+    describe, reason = trained_answer_form(options.init_from, preset.train)
     pool = ExamplePool(train_set, [], train_set.image_root, describe_targets=describe, reason_relations=reason)
     target_types = [t for t in pool.by_type if t != "no_target"]
     target_indices = [i for t in target_types for i in pool.by_type[t]]

@@ -109,6 +109,12 @@ def test_saved_train_settings_read_what_training_wrote(tmp_path):
     assert saved_train_settings(tmp_path) == {}
     (tmp_path / TRAIN_CONFIG_FILE).write_text(json.dumps({"preset": "tiny-himtok", "train": {"reason_relations": True}}))
     assert saved_train_settings(tmp_path) == {"reason_relations": True}
+    # the answer form: what was saved, the fallback's for what was not
+    from mmseg.config import TrainConfig, trained_answer_form
+
+    assert trained_answer_form(tmp_path) == (True, True)
+    assert trained_answer_form(tmp_path.parent, TrainConfig(describe_targets=False)) == (False, False)
+    assert trained_answer_form(None) == (True, False)
     (tmp_path / TRAIN_CONFIG_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="train_config.json is not valid JSON"):
         saved_train_settings(tmp_path)
