@@ -221,6 +221,12 @@ def test_answer_cross_entropy_weights_only_each_rows_first_answer_token():
     first = per_token[0, 1] + per_token[1, 3]  # the positions predicting labels 3 and 7
     expected = (per_token.sum() + 2.0 * first) / 6
     assert torch.allclose(answer_cross_entropy(logits, labels, first_weight=3.0), expected)
+    # only the scored positions go through the log-softmax: the gradient is the plain one, zero elsewhere
+    mine, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    answer_cross_entropy(mine, labels).backward()
+    F.cross_entropy(ref[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100).backward()
+    torch.testing.assert_close(mine.grad, ref.grad)
+    assert answer_cross_entropy(logits, torch.full_like(labels, -100)) == 0  # nothing scored: zero, not NaN
 
 
 def test_text_weight_scales_the_text_term_only():

@@ -49,11 +49,11 @@ def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, first_weigh
     Why the first token: in an answer it is the decision (a target answer or a refusal; a QA answer's word), and
     every later token follows from it (see ``TrainConfig.decision_weight``)."""
     targets = labels[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                         reduction="none").view_as(targets)
-    scored = targets != -100
+    scored = targets != -100  # (B, T-1)
+    # Only the scored positions go through the (fp32) log-softmax: most of a sequence is prompt and image.
+    ce = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")  # (n,)
     count = scored.sum().clamp(min=1)
     if first_weight == 1.0:
         return ce.sum() / count
-    first = scored & (scored.long().cumsum(1) == 1)  # (B, T-1): each row's first scored position
-    return (ce.sum() + (first_weight - 1.0) * ce[first].sum()) / count
+    first = scored.long().cumsum(1) == 1  # (B, T-1): each row's first scored position (where scored)
+    return (ce.sum() + (first_weight - 1.0) * ce[first[scored]].sum()) / count
