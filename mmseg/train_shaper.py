@@ -17,7 +17,10 @@ taken from it; the preset's ``model.vision`` / ``model.lm`` must stay unset).
   is a constant and cancels in the advantage; it keeps the logged reward readable as "gain over HiMTok".)
 
 Only referring samples with a target are drawn (the shaper steers masks; QA pairs, ``train.qa_fraction`` and the
-curriculum do not apply). ``--max-steps`` caps the steps of EACH stage (a finished stage is not reopened on
+curriculum do not apply). With ``head.own_answers`` = N, the frozen model first answers N training sentences itself
+(``own_answers.jsonl`` in the run folder; ``train.type_weights`` weigh the expression types) and both stages train
+after those answers instead of the true ones: the goal stays the true target's mask, so the shaper learns where the
+words before the mask name another object, which is where a HiMTok answer goes wrong. ``--max-steps`` caps the steps of EACH stage (a finished stage is not reopened on
 resume); ``--max-minutes`` is the whole run, stage 2 getting the last
 ``head.policy_time_share`` of it. Re-running with the same ``--out`` resumes (stage, step, optimizers, RNG); every
 save writes a loadable shaper checkpoint, ``history.jsonl`` and ``curve.png``.
@@ -38,13 +41,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmseg.config import TRAIN_CONFIG_FILE, ModelConfig, Preset, trained_answer_form
-from mmseg.data.prompts import SEGMENT_TEMPLATES, segment_answer, target_description
+from mmseg.data.prompts import SEGMENT_TEMPLATES, segment_answer, segment_prompt, target_description
 from mmseg.modeling.heads.shaper import ShaperConfig, ShaperHead, shaper_from_himtok
 from mmseg.modeling.model import CONFIG_FILE, MMSegModel
 from mmseg.modeling.shaper.invoker import group_advantages, reinforce_loss
+from mmseg.processing import SEG_TOKEN
 from mmseg.train import CURVE_FILE, HISTORY_FILE, STATE_DIR, lr_at
 
 PROGRESS_FILE = "progress.json"
+OWN_ANSWERS_FILE = "own_answers.jsonl"  # the frozen model's answers both stages train after (head.own_answers)
 HIMTOK_COMMAND = "mmseg train --config tiny-himtok --data DATA_ROOT --out {folder}"
 
 
@@ -91,6 +96,48 @@ def freeze_for(model: MMSegModel, stage: int) -> None:
             module.requires_grad_(True)
     else:
         head.policy.requires_grad_(True)
+
+
+# -- the base's own answers ----------------------------------------------------------------------------------
+def pick_sentences(by_type: dict[str, list[int]], count: int, type_weights: dict, rng: random.Random) -> list[int]:
+    """``count`` distinct sample indices drawn from ``by_type`` (expression type -> indices), each type's share
+    proportional to its sentence count times its ``type_weights`` entry (1 when unnamed), as training draws."""
+    weights = {t: len(ix) * float(type_weights.get(t, 1.0)) for t, ix in sorted(by_type.items()) if ix}
+    total = sum(weights.values())
+    if not total > 0:
+        raise ValueError(f"type_weights {type_weights} leave no expression type to draw among {sorted(by_type)}")
+    picked: list[int] = []
+    for kind, weight in weights.items():
+        picked += rng.sample(by_type[kind], min(len(by_type[kind]), round(count * weight / total)))
+    rng.shuffle(picked)
+    return picked
+
+
+def own_answers(model: MMSegModel, processor: Any, refer: Any, indices: Sequence[int], seed: int, autocast: Any,
+                batch_size: int = 32, progress: bool = True) -> list[dict]:
+    """The frozen model's own answers to training sentences ``indices`` of ``refer``, one random request template
+    each (seed ``seed``), decoded with invocation off (exactly the HiMTok head's answers).
+
+    Returns ``{"index", "prompt", "answer"}`` for every answer that opened a mask (``answer`` holds ``<seg>`` where
+    the mask goes, as a training answer does); refusals of a present target are left out, as the shaper has no mask
+    to steer there."""
+    from tqdm.auto import tqdm
+
+    from mmseg.predictor import Segmenter
+
+    rng = random.Random(seed)
+    prompts = [segment_prompt(refer[i].sentence, rng) for i in indices]
+    segmenter = Segmenter(model, processor)
+    entries: list[dict] = []
+    model.eval()
+    for start in tqdm(range(0, len(indices), batch_size), desc="own answers", unit="batch", disable=not progress):
+        chunk = list(range(start, min(start + batch_size, len(indices))))
+        with autocast():
+            answers = segmenter.batch([[{"role": "user", "content": prompts[j]}] for j in chunk],
+                                      [refer[indices[j]].image_path for j in chunk], invoke="never")
+        entries += [{"index": int(indices[j]), "prompt": prompts[j], "answer": a.text}
+                    for j, a in zip(chunk, answers) if SEG_TOKEN in a.text]
+    return entries
 
 
 # -- stage 1 ------------------------------------------------------------------------------------------------
@@ -227,14 +274,15 @@ def rollouts(model: MMSegModel, processor: Any, samples: Sequence[Any], prompts:
     """For each sample: ``group`` answers with the learned policy SAMPLED (seed ``seed``), and one without invocation.
 
     Answers come from :func:`mmseg.generation.generate` with the answer text forced up to ``<mt_start>`` (stage 2
-    trains the mask-token decoding, not the text): ``texts``, one true answer per sample in the form the backbone
-    was trained on (None: the one-step answer naming each target); masks are at each image's original size."""
+    trains the mask-token decoding, not the text): ``texts``, one answer with ``<seg>`` per sample, the true one in
+    the form the backbone was trained on or the frozen model's own (None: the one-step answer naming each target);
+    masks are at each image's original size."""
     from mmseg.generation import answer_prefix_ids, generate
     from mmseg.imageio import load_image
     from mmseg.predictor import Answer, logits_to_original
 
     head: ShaperHead = model.head
-    # The ground-truth description is forced (stage 2 trains mask-token decoding, not the text before it).
+    # The given words are forced (stage 2 trains mask-token decoding, not the text before it).
     if texts is None:
         texts = [segment_answer(True, target_description(sample)) for sample in samples]
     prefixes = [answer_prefix_ids(processor, text, head.mask_point_token_id) for text in texts]
@@ -371,7 +419,7 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from mmseg.data.collate import Collator, ExamplePool, training_answer
+    from mmseg.data.collate import Collator, Example, ExamplePool, training_answer
     from mmseg.data.refer import ReferDataset
     from mmseg.modeling.builder import is_checkpoint, load_pretrained
     from mmseg.modeling.heads import head_config
@@ -447,6 +495,32 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
     accelerator.wait_for_everyone()
     start = time.perf_counter()
 
+    # The frozen model's own answers (head.own_answers): made once, on the main process, and kept in the run folder,
+    # so that a resumed run (and every process) trains after the same ones.
+    own: list[dict] = []
+    own_path = out_dir / OWN_ANSWERS_FILE
+    if options.own_answers:
+        if accelerator.is_main_process and not own_path.is_file():
+            picked = pick_sentences({t: pool.by_type[t] for t in target_types}, options.own_answers,
+                                    dict(cfg.type_weights), random.Random(cfg.seed))
+            entries = own_answers(model, processor, train_set, picked, cfg.seed, accelerator.autocast,
+                                  progress=progress)
+            if not entries:
+                raise ValueError(f"head.own_answers: the model at {options.init_from} answered none of {len(picked)} "
+                                 "training sentences with a mask; set own_answers to 0 to train after the true answers")
+            as_trained = sum(e["answer"] == training_answer(train_set, train_set[e["index"]], describe, reason)
+                             for e in entries)
+            history.append({"stage": 0, "step": 0, "elapsed_s": round(elapsed(), 1), "own_answers": len(entries),
+                            "own_asked": len(picked), "own_as_trained": round(as_trained / len(entries), 4)})
+            tmp = own_path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
+            tmp.replace(own_path)  # whole or absent: an interrupted run makes them again
+        accelerator.wait_for_everyone()
+        own = [json.loads(line) for line in own_path.read_text().splitlines()]
+
+    def own_draw(rng: random.Random, count: int) -> list[dict]:
+        return [own[rng.randrange(len(own))] for _ in range(count)]
+
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - start
 
@@ -494,7 +568,11 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
             for group in optimizer1.param_groups:
                 group["lr"] = lr
             rng = random.Random(cfg.seed * 1_000_003 + step)  # (seed, step) -> data: a resumed run sees the same
-            examples = [pool.draw(rng, 0.0, target_types) for _ in range(cfg.batch_size)]
+            if own:
+                examples = [Example(train_set[e["index"]].image_path, e["prompt"], e["answer"],
+                                    train_set[e["index"]].mask) for e in own_draw(rng, cfg.batch_size)]
+            else:
+                examples = [pool.draw(rng, 0.0, target_types) for _ in range(cfg.batch_size)]
             points = torch.tensor([rng.choice(checkpoints) for _ in range(cfg.batch_size)])
             mine = slice(rank, None, world)
             batch = {k: v.to(accelerator.device) for k, v in collate(examples[mine]).items()}
@@ -531,12 +609,17 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
     bar = tqdm(total=steps2, initial=step, desc="shaper stage 2", disable=not (progress and accelerator.is_main_process))
     while step < steps2 and not (total_s is not None and elapsed() >= total_s):
         rng = random.Random(cfg.seed * 1_000_003 + 7_919 * (step + 1))
-        chosen = [rng.choice(target_indices) for _ in range(options.policy_batch)]
-        templates = [rng.choice(SEGMENT_TEMPLATES) for _ in chosen][rank::world]  # varied phrasing, as in stage 1
-        samples = [train_set[i] for i in chosen[rank::world]]
-        prompts = [template.format(expression=s.sentence) for template, s in zip(templates, samples)]
+        if own:  # after the frozen model's own words, as at inference
+            entries = own_draw(rng, options.policy_batch)[rank::world]
+            samples = [train_set[e["index"]] for e in entries]
+            prompts, texts = [e["prompt"] for e in entries], [e["answer"] for e in entries]
+        else:
+            chosen = [rng.choice(target_indices) for _ in range(options.policy_batch)]
+            templates = [rng.choice(SEGMENT_TEMPLATES) for _ in chosen][rank::world]  # varied phrasing, as stage 1
+            samples = [train_set[i] for i in chosen[rank::world]]
+            prompts = [template.format(expression=s.sentence) for template, s in zip(templates, samples)]
+            texts = [training_answer(train_set, s, describe, reason) for s in samples]
         seed = (cfg.seed * 1_000_003 + step) * world + rank  # each process samples its own decisions
-        texts = [training_answer(train_set, s, describe, reason) for s in samples]
         answers, baseline = rollouts(model, processor, samples, prompts, group_size, seed, texts)
         features, actions, advantages, stats = policy_batch(answers, baseline, [s.mask for s in samples],
                                                             options.invoke_cost, accelerator.device)

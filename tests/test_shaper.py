@@ -744,3 +744,84 @@ def test_steer_start_reads_a_mask_point_readout_before_the_point_is_recorded(tok
         for row in range(len(QUERIES)):
             assert len(gen.masks[row][0].info["mask_tokens"]) == K
         assert any(q for q, _ in reads) and all(unchanged for q, unchanged in reads if q)
+
+
+# -- training after the frozen model's own answers (head.own_answers) -------------------------------------------
+def test_own_answers_are_the_himtok_answers_and_leave_out_refusals(forced, synthref_root):
+    """The pool both stages train after: the frozen model's answers with invocation off (HiMTok's exactly), one
+    seeded request template per sentence, each with ``<seg>`` where its mask goes."""
+    from contextlib import nullcontext
+
+    from mmseg.data.prompts import SEGMENT_TEMPLATES
+    from mmseg.data.refer import ReferDataset
+    from mmseg.generation import answer_prefix_ids
+    from mmseg.train_shaper import own_answers
+
+    himtok, shaper, proc = forced
+    data = ReferDataset(synthref_root, "synthref", "unc", "train")
+    indices = [4, 0, 2]
+    entries = own_answers(shaper, proc, data, indices, seed=5, autocast=nullcontext, batch_size=2, progress=False)
+    assert [e["index"] for e in entries] == indices
+    assert entries == own_answers(shaper, proc, data, indices, seed=5, autocast=nullcontext, progress=False)
+    for entry in entries:
+        sentence = data[entry["index"]].sentence
+        assert entry["prompt"] in {t.format(expression=sentence) for t in SEGMENT_TEMPLATES}
+        assert "<seg>" in entry["answer"]  # where the mask goes, as in a training answer
+        assert answer_prefix_ids(proc, entry["answer"], shaper.head.mask_point_token_id)[-1] == shaper.head.mt_start_id
+    # HiMTok's own answer to the same request, word for word
+    expected = Segmenter(himtok, proc).batch([[{"role": "user", "content": e["prompt"]}] for e in entries],
+                                             [data[e["index"]].image_path for e in entries])
+    assert [e["answer"] for e in entries] == [a.text for a in expected]
+
+
+def test_own_answers_leave_out_answers_without_a_mask(pair, synthref_root):
+    from contextlib import nullcontext
+
+    from mmseg.data.refer import ReferDataset
+    from mmseg.train_shaper import own_answers
+
+    _, shaper, proc = pair  # left alone, the untrained LM opens no mask: nothing for the shaper to steer
+    data = ReferDataset(synthref_root, "synthref", "unc", "train")
+    assert own_answers(shaper, proc, data, [0, 1], seed=0, autocast=nullcontext, progress=False) == []
+
+
+def test_pick_sentences_weighs_types_as_training_draws():
+    import random
+
+    from mmseg.train_shaper import pick_sentences
+
+    by_type = {"attribute": list(range(0, 600)), "relational": list(range(600, 900))}
+    picked = pick_sentences(by_type, 300, {"relational": 2.0}, random.Random(0))
+    assert len(picked) == len(set(picked)) == 300
+    assert sum(i >= 600 for i in picked) == 150  # 300 sentences x 2 against 600 x 1: half and half
+    assert picked == pick_sentences(by_type, 300, {"relational": 2.0}, random.Random(0))
+    assert len(pick_sentences(by_type, 5000, {}, random.Random(0))) == 900  # never more than there are
+    with pytest.raises(ValueError, match="leave no expression type"):
+        pick_sentences(by_type, 10, {"attribute": 0, "relational": 0}, random.Random(0))
+
+
+@pytest.mark.slow
+def test_training_after_own_answers_needs_answers_with_a_mask_and_keeps_them(synthref_root, tokenizer_dir, tmp_path,
+                                                                              capsys):
+    from mmseg.cli import main
+    from mmseg.train_shaper import OWN_ANSWERS_FILE
+
+    ckpt = _himtok_checkpoint(tokenizer_dir, tmp_path / "himtok")
+    preset = _preset(tmp_path, str(ckpt), own_answers=3)
+    out = tmp_path / "shaper"
+    args = ["train", "--config", str(preset), "--data", str(synthref_root), "--out", str(out), "--max-steps", "1"]
+    # the untrained checkpoint refuses every request: a clear error, and no pool file that a rerun would trust
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "answered none of 3 training sentences with a mask" in err and "own_answers to 0" in err
+    assert not (out / OWN_ANSWERS_FILE).exists()
+    # a pool in the run folder (as a first run writes it) is what both stages train after; a rerun never remakes it
+    pool = "".join(json.dumps({"index": i, "prompt": "Segment it.", "answer": "Sure, the thing <seg>."}) + "\n"
+                   for i in (0, 1))
+    (out / OWN_ANSWERS_FILE).write_text(pool)
+    assert main(args) == 0
+    assert (out / OWN_ANSWERS_FILE).read_text() == pool
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    one = [h for h in history if h["stage"] == 1 and "loss" in h]
+    two = [h for h in history if h["stage"] == 2 and "reward" in h]
+    assert one and np.isfinite(one[0]["shaped_ce"]) and two and two[0]["decisions"] > 0
