@@ -495,6 +495,9 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
     accelerator.wait_for_everyone()
     start = time.perf_counter()
 
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - start
+
     # The frozen model's own answers (head.own_answers): made once, on the main process, and kept in the run folder,
     # so that a resumed run (and every process) trains after the same ones.
     own: list[dict] = []
@@ -520,9 +523,6 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
 
     def own_draw(rng: random.Random, count: int) -> list[dict]:
         return [own[rng.randrange(len(own))] for _ in range(count)]
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - start
 
     total_s = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
     stage1_s = None if total_s is None else total_s * (1.0 - options.policy_time_share)

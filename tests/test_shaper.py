@@ -802,7 +802,8 @@ def test_pick_sentences_weighs_types_as_training_draws():
 
 @pytest.mark.slow
 def test_training_after_own_answers_needs_answers_with_a_mask_and_keeps_them(synthref_root, tokenizer_dir, tmp_path,
-                                                                              capsys):
+                                                                              capsys, monkeypatch):
+    import mmseg.train_shaper as train_shaper
     from mmseg.cli import main
     from mmseg.train_shaper import OWN_ANSWERS_FILE
 
@@ -815,12 +816,19 @@ def test_training_after_own_answers_needs_answers_with_a_mask_and_keeps_them(syn
     err = capsys.readouterr().err
     assert "answered none of 3 training sentences with a mask" in err and "own_answers to 0" in err
     assert not (out / OWN_ANSWERS_FILE).exists()
-    # a pool in the run folder (as a first run writes it) is what both stages train after; a rerun never remakes it
-    pool = "".join(json.dumps({"index": i, "prompt": "Segment it.", "answer": "Sure, the thing <seg>."}) + "\n"
-                   for i in (0, 1))
-    (out / OWN_ANSWERS_FILE).write_text(pool)
+    # a model that answers with masks (here: given answers; the real ones are tested above): the pool is written to
+    # the run folder, recorded in the history, and both stages train after it
+    entries = [{"index": i, "prompt": "Segment it.", "answer": "Sure, the thing <seg>."} for i in (0, 1)]
+    asked = []
+    monkeypatch.setattr(train_shaper, "own_answers", lambda model, proc, refer, indices, *a, **k: asked.append(
+        list(indices)) or entries)
     assert main(args) == 0
-    assert (out / OWN_ANSWERS_FILE).read_text() == pool
+    assert len(asked[0]) == 3 and [json.loads(line) for line in (out / OWN_ANSWERS_FILE).read_text().splitlines()] == entries
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert {"own_answers": 2, "own_asked": 3, "own_as_trained": 0.0}.items() <= history[0].items()
+    # a rerun in the same folder trains after the same pool and never asks again
+    monkeypatch.setattr(train_shaper, "own_answers", lambda *a, **k: pytest.fail("the pool was made again"))
+    assert main([*args[:-1], "2"]) == 0
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     one = [h for h in history if h["stage"] == 1 and "loss" in h]
     two = [h for h in history if h["stage"] == 2 and "reward" in h]
