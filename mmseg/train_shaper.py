@@ -520,9 +520,17 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
             tmp.replace(own_path)  # whole or absent: an interrupted run makes them again
         accelerator.wait_for_everyone()
         own = [json.loads(line) for line in own_path.read_text().splitlines()]
+    mismatched = [e for e in own if options.own_mismatch_share > 0
+                  and e["answer"] != training_answer(train_set, train_set[e["index"]], describe, reason)]
 
     def own_draw(rng: random.Random, count: int) -> list[dict]:
-        return [own[rng.randrange(len(own))] for _ in range(count)]
+        """``count`` pool answers; a share ``head.own_mismatch_share`` of them from those whose words are wrong."""
+        share = options.own_mismatch_share if mismatched else 0.0
+        picks = []
+        for _ in range(count):
+            source = mismatched if share and rng.random() < share else own
+            picks.append(source[rng.randrange(len(source))])
+        return picks
 
     total_s = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
     stage1_s = None if total_s is None else total_s * (1.0 - options.policy_time_share)

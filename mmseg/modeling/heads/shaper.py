@@ -115,6 +115,9 @@ class ShaperConfig(HiMTokConfig):
     # words that name another object (19.5% of synthref-himtok's seed-1 testB target answers, cIoU 0.265 there
     # against 0.949 where the words are right). 0: both stages force the true answer text.
     own_answers: int = 0
+    # Share of both stages' draws taken from the pool's answers whose words differ from the true answer (the cases a
+    # shaper could fix); 0: every answer as likely (on synthref-s2, 11% of the pool's answers differ).
+    own_mismatch_share: float = 0.0
     # stage 2 (REINFORCE with a group baseline)
     policy_steps: int = 300
     policy_lr: float = 3e-3
@@ -171,6 +174,8 @@ class ShaperHead(HiMTokHead):
             raise ValueError(f"shaper head: policy_time_share must be in [0, 1), got {config.policy_time_share}")
         if not config.think_prompt.strip():
             raise ValueError("shaper head: think_prompt is empty")
+        if not 0.0 <= config.own_mismatch_share <= 1.0:
+            raise ValueError(f"shaper head: own_mismatch_share must be in [0, 1], got {config.own_mismatch_share}")
         if isinstance(config.own_answers, bool) or not isinstance(config.own_answers, int) or config.own_answers < 0:
             raise ValueError(f"shaper head: own_answers must be a whole number >= 0, got {config.own_answers!r}")
         super().__init__(config, hidden_size=hidden_size, image_size=image_size, grid_size=grid_size, asset_dir=asset_dir,
