@@ -291,6 +291,10 @@ def test_bad_options_and_config_are_clear_errors(forced, tokenizer_dir):
         shaper_from_himtok(himtok, proc2, {"invoke": "maybe"})
     with pytest.raises(ValueError, match="check_every must be >= 1"):
         shaper_from_himtok(himtok, proc2, {"check_every": 0})
+    with pytest.raises(ValueError, match="own_answers must be a whole number >= 0"):
+        shaper_from_himtok(himtok, proc2, {"own_answers": 2.5})
+    with pytest.raises(ValueError, match=r"own_mismatch_share must be in \[0, 1\]"):
+        shaper_from_himtok(himtok, proc2, {"own_mismatch_share": 1.5})
     with pytest.raises(ValueError, match="starts from a himtok model"):
         shaper_from_himtok(tiny_model()[0], proc2)
 
@@ -808,7 +812,7 @@ def test_training_after_own_answers_needs_answers_with_a_mask_and_keeps_them(syn
     from mmseg.train_shaper import OWN_ANSWERS_FILE
 
     ckpt = _himtok_checkpoint(tokenizer_dir, tmp_path / "himtok")
-    preset = _preset(tmp_path, str(ckpt), own_answers=3)
+    preset = _preset(tmp_path, str(ckpt), own_answers=3, own_mismatch_share=0.5)
     out = tmp_path / "shaper"
     args = ["train", "--config", str(preset), "--data", str(synthref_root), "--out", str(out), "--max-steps", "1"]
     # the untrained checkpoint refuses every request: a clear error, and no pool file that a rerun would trust
