@@ -291,7 +291,9 @@ def test_bad_options_and_config_are_clear_errors(forced, tokenizer_dir):
         shaper_from_himtok(himtok, proc2, {"invoke": "maybe"})
     with pytest.raises(ValueError, match="check_every must be >= 1"):
         shaper_from_himtok(himtok, proc2, {"check_every": 0})
-    with pytest.raises(ValueError, match="own_answers must be a whole number >= 0"):
+    with pytest.raises(ValueError, match="own_answers must be >= 0"):
+        shaper_from_himtok(himtok, proc2, {"own_answers": -1})
+    with pytest.raises(ValueError, match="own_answers: expected int"):
         shaper_from_himtok(himtok, proc2, {"own_answers": 2.5})
     with pytest.raises(ValueError, match=r"own_mismatch_share must be in \[0, 1\]"):
         shaper_from_himtok(himtok, proc2, {"own_mismatch_share": 1.5})

@@ -176,8 +176,8 @@ class ShaperHead(HiMTokHead):
             raise ValueError("shaper head: think_prompt is empty")
         if not 0.0 <= config.own_mismatch_share <= 1.0:
             raise ValueError(f"shaper head: own_mismatch_share must be in [0, 1], got {config.own_mismatch_share}")
-        if isinstance(config.own_answers, bool) or not isinstance(config.own_answers, int) or config.own_answers < 0:
-            raise ValueError(f"shaper head: own_answers must be a whole number >= 0, got {config.own_answers!r}")
+        if config.own_answers < 0:
+            raise ValueError(f"shaper head: own_answers must be >= 0, got {config.own_answers}")
         super().__init__(config, hidden_size=hidden_size, image_size=image_size, grid_size=grid_size, asset_dir=asset_dir,
                          prefix_grid=prefix_grid)
         self.condense_short = Condenser(hidden_size, config.short_queries, config.condenser_heads)
