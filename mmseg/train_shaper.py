@@ -19,10 +19,10 @@ taken from it; the preset's ``model.vision`` / ``model.lm`` must stay unset).
 Only referring samples with a target are drawn (the shaper steers masks; QA pairs, ``train.qa_fraction`` and the
 curriculum do not apply). With ``head.own_answers`` = N, the frozen model first answers N training sentences itself
 (``own_answers.jsonl`` in the run folder; ``train.type_weights`` weigh the expression types) and both stages train
-after those answers instead of the true ones: the goal stays the true target's mask, so the shaper learns where the
-words before the mask name another object, which is where a HiMTok answer goes wrong. ``--max-steps`` caps the steps of EACH stage (a finished stage is not reopened on
-resume); ``--max-minutes`` is the whole run, stage 2 getting the last
-``head.policy_time_share`` of it. Re-running with the same ``--out`` resumes (stage, step, optimizers, RNG); every
+after those answers instead of the true ones: the goal stays the true target's mask, so the shaper meets answers
+whose words name another object, which is where a HiMTok answer goes wrong (``head.own_mismatch_share`` draws that
+share of the samples from them). ``--max-steps`` caps the steps of EACH stage (a finished stage is not reopened on
+resume); ``--max-minutes`` is the whole run, stage 2 getting the last ``head.policy_time_share`` of it. Re-running with the same ``--out`` resumes (stage, step, optimizers, RNG); every
 save writes a loadable shaper checkpoint, ``history.jsonl`` and ``curve.png``.
 """
 
@@ -100,8 +100,9 @@ def freeze_for(model: MMSegModel, stage: int) -> None:
 
 # -- the base's own answers ----------------------------------------------------------------------------------
 def pick_sentences(by_type: dict[str, list[int]], count: int, type_weights: dict, rng: random.Random) -> list[int]:
-    """``count`` distinct sample indices drawn from ``by_type`` (expression type -> indices), each type's share
-    proportional to its sentence count times its ``type_weights`` entry (1 when unnamed), as training draws."""
+    """About ``count`` distinct sample indices (each type's share rounded) from ``by_type`` (expression type ->
+    indices), each type's share proportional to its sentence count times its ``type_weights`` entry (1 when
+    unnamed), as training draws weigh them; a type never gives more sentences than it has."""
     weights = {t: len(ix) * float(type_weights.get(t, 1.0)) for t, ix in sorted(by_type.items()) if ix}
     total = sum(weights.values())
     if not total > 0:
@@ -577,8 +578,8 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
                 group["lr"] = lr
             rng = random.Random(cfg.seed * 1_000_003 + step)  # (seed, step) -> data: a resumed run sees the same
             if own:
-                examples = [Example(train_set[e["index"]].image_path, e["prompt"], e["answer"],
-                                    train_set[e["index"]].mask) for e in own_draw(rng, cfg.batch_size)]
+                drawn = [(train_set[e["index"]], e) for e in own_draw(rng, cfg.batch_size)]
+                examples = [Example(sample.image_path, e["prompt"], e["answer"], sample.mask) for sample, e in drawn]
             else:
                 examples = [pool.draw(rng, 0.0, target_types) for _ in range(cfg.batch_size)]
             points = torch.tensor([rng.choice(checkpoints) for _ in range(cfg.batch_size)])
