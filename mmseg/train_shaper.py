@@ -127,17 +127,18 @@ def own_answers(model: MMSegModel, processor: Any, refer: Any, indices: Sequence
     from mmseg.predictor import Segmenter
 
     rng = random.Random(seed)
-    prompts = [segment_prompt(refer[i].sentence, rng) for i in indices]
     segmenter = Segmenter(model, processor)
     entries: list[dict] = []
     model.eval()
     for start in tqdm(range(0, len(indices), batch_size), desc="own answers", unit="batch", disable=not progress):
-        chunk = list(range(start, min(start + batch_size, len(indices))))
+        chunk = [int(i) for i in indices[start : start + batch_size]]
+        samples = [refer[i] for i in chunk]  # one read each: a sample decodes its mask
+        prompts = [segment_prompt(sample.sentence, rng) for sample in samples]  # in index order, as one pass would
         with autocast():
-            answers = segmenter.batch([[{"role": "user", "content": prompts[j]}] for j in chunk],
-                                      [refer[indices[j]].image_path for j in chunk], invoke="never")
-        entries += [{"index": int(indices[j]), "prompt": prompts[j], "answer": a.text}
-                    for j, a in zip(chunk, answers) if SEG_TOKEN in a.text]
+            answers = segmenter.batch([[{"role": "user", "content": prompt}] for prompt in prompts],
+                                      [sample.image_path for sample in samples], invoke="never")
+        entries += [{"index": i, "prompt": prompt, "answer": a.text}
+                    for i, prompt, a in zip(chunk, prompts, answers) if SEG_TOKEN in a.text]
     return entries
 
 
@@ -502,8 +503,10 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
     # The frozen model's own answers (head.own_answers): made once, on the main process, and kept in the run folder,
     # so that a resumed run (and every process) trains after the same ones.
     own: list[dict] = []
+    mismatched: list[dict] = []  # the pool's answers whose words differ from the trained answer
     own_path = out_dir / OWN_ANSWERS_FILE
     if options.own_answers:
+        asked = 0
         if accelerator.is_main_process and not own_path.is_file():
             picked = pick_sentences({t: pool.by_type[t] for t in target_types}, options.own_answers,
                                     dict(cfg.type_weights), random.Random(cfg.seed))
@@ -512,17 +515,17 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
             if not entries:
                 raise ValueError(f"head.own_answers: the model at {options.init_from} answered none of {len(picked)} "
                                  "training sentences with a mask; set own_answers to 0 to train after the true answers")
-            as_trained = sum(e["answer"] == training_answer(train_set, train_set[e["index"]], describe, reason)
-                             for e in entries)
-            history.append({"stage": 0, "step": 0, "elapsed_s": round(elapsed(), 1), "own_answers": len(entries),
-                            "own_asked": len(picked), "own_as_trained": round(as_trained / len(entries), 4)})
             tmp = own_path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
             tmp.replace(own_path)  # whole or absent: an interrupted run makes them again
+            asked = len(picked)
         accelerator.wait_for_everyone()
         own = [json.loads(line) for line in own_path.read_text().splitlines()]
-    mismatched = [e for e in own if options.own_mismatch_share > 0
-                  and e["answer"] != training_answer(train_set, train_set[e["index"]], describe, reason)]
+        mismatched = [e for e in own
+                      if e["answer"] != training_answer(train_set, train_set[e["index"]], describe, reason)]
+        if asked:  # made in this run: recorded once
+            history.append({"stage": 0, "step": 0, "elapsed_s": round(elapsed(), 1), "own_answers": len(own),
+                            "own_asked": asked, "own_as_trained": round(1 - len(mismatched) / len(own), 4)})
 
     def own_draw(rng: random.Random, count: int) -> list[dict]:
         """``count`` pool answers; a share ``head.own_mismatch_share`` of them from those whose words are wrong."""
