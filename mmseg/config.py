@@ -174,6 +174,9 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
+    # Progress (of steps or wall time) at which the cosine decay starts; before it the rate holds at ``lr`` after
+    # warm-up (warmup-stable-decay). 0.0: the decay spans the whole run (plain cosine).
+    decay_from: float = 0.0
     weight_decay: float = 0.05
     warmup_steps: int = 200
     max_steps: int = 20000
@@ -254,6 +257,8 @@ class TrainConfig:
             raise ValueError(f"train.num_workers must be >= 0, got {self.num_workers}")
         if self.no_target_fraction is not None and not 0.0 <= self.no_target_fraction <= 1.0:
             raise ValueError(f"train.no_target_fraction must be in [0, 1], got {self.no_target_fraction}")
+        if not 0.0 <= self.decay_from < 1.0:
+            raise ValueError(f"train.decay_from must be in [0, 1), got {self.decay_from}")
         if not 0.0 <= self.no_target_from <= 1.0:
             raise ValueError(f"train.no_target_from must be in [0, 1], got {self.no_target_from}")
         if not self.decision_weight > 0:

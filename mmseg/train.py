@@ -51,15 +51,19 @@ def text_corpus(refer: ReferDataset, qa: list[dict]):
         yield item["answer"]
 
 
-def lr_at(step: int, progress: float, base: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio * base`` as ``progress`` -> 1.
+def lr_at(step: int, progress: float, base: float, warmup: int, min_ratio: float, decay_from: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then ``base`` until ``progress`` reaches ``decay_from``, then cosine
+    decay to ``min_ratio * base`` as ``progress`` -> 1 (``decay_from`` 0: plain cosine after warm-up).
 
     ``progress`` is the larger of the step fraction and the wall-time fraction, so a run cut by
     ``--max-minutes`` still anneals fully instead of stopping at a high learning rate.
     """
+    if not 0.0 <= decay_from < 1.0:
+        raise ValueError(f"decay_from must be in [0, 1), got {decay_from}")
     if step < warmup:
         return base * (step + 1) / warmup
     progress = min(1.0, max(0.0, progress))
+    progress = max(0.0, progress - decay_from) / (1.0 - decay_from)
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -333,7 +337,7 @@ def train(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_minutes
             progress_fraction = clock.progress(step)
             if world > 1:  # every process must use the same learning rate and curriculum phase
                 progress_fraction = broadcast_object_list([progress_fraction])[0]
-            lr = lr_at(step, progress_fraction, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+            lr = lr_at(step, progress_fraction, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_from)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = batch_for(step, progress_fraction) if prefetched is None else to_device(next(prefetched))

@@ -576,7 +576,7 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
         model.eval()  # frozen backbone: no dropout (the shaper's parts have none)
         while step < steps1:
             fraction = step / steps1 if stage1_s is None else max(step / steps1, elapsed() / stage1_s)
-            lr = lr_at(step, fraction, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+            lr = lr_at(step, fraction, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_from)
             for group in optimizer1.param_groups:
                 group["lr"] = lr
             rng = random.Random(cfg.seed * 1_000_003 + step)  # (seed, step) -> data: a resumed run sees the same

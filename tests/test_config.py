@@ -92,6 +92,7 @@ def test_overrides_set_nested_values_parsed_as_json():
     ("train.lr=NaN", "NaN"),
     ("train.num_workers=-2", "num_workers must be >= 0"),
     ("train.no_target_from=1.5", "no_target_from must be in"),
+    ("train.decay_from=1.0", "decay_from must be in"),
     ("train.decision_weight=0", "decision_weight must be > 0"),
     ("train.text_weight=-1", "text_weight must be > 0"),
     ("model.lm.hidden_size=true", "hidden_size: expected int"),

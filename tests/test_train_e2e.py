@@ -131,3 +131,16 @@ def test_train_clock_and_step_batches():
     assert 0.49 < timed.progress(1) < 0.6  # the wall-time fraction leads
     batches = StepBatches(lambda step, progress: (step, progress), clock, first=7)
     assert len(batches) == 3 and batches[0] == (7, 0.7) and batches[2] == (9, 0.9)
+
+
+def test_lr_schedule_warms_up_holds_then_decays():
+    from mmseg.train import lr_at
+
+    cosine = [lr_at(step, step / 100, 1.0, 10, 0.05) for step in range(101)]
+    assert cosine[0] == 0.1 and cosine[9] == 1.0  # linear warm-up
+    assert all(a >= b for a, b in zip(cosine[10:], cosine[11:])) and abs(cosine[100] - 0.05) < 1e-9
+    wsd = [lr_at(step, step / 100, 1.0, 10, 0.05, decay_from=0.7) for step in range(101)]
+    assert wsd[:10] == cosine[:10] and all(lr == 1.0 for lr in wsd[10:71])  # held at the peak until 70%
+    assert abs(wsd[85] - 0.525) < 1e-9 and abs(wsd[100] - 0.05) < 1e-9  # half-way down the cosine, then the floor
+    with pytest.raises(ValueError, match="decay_from"):
+        lr_at(50, 0.5, 1.0, 10, 0.05, decay_from=1.0)
