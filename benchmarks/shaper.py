@@ -9,6 +9,12 @@ then the shaper with ``invoke`` = never / always / entropy / learned. Columns pe
 predictor's ``total_ms``, averaged; with the default batch size 1 it is the latency of one query). "never" must
 equal HiMTok: the shaper only adds work when it invokes.
 
+Then the invoker's ceilings, per split, from the same runs' masks (no extra decoding): the cIoU an invoker would
+reach if it chose, sentence by sentence, the best of never / always / entropy (the ceiling of an invoker that
+picks one of those three behaviours per sentence), and if it shaped (always, or entropy) exactly where HiMTok's answer misnames its target (the
+words before the mask differ from the target's description; an oracle no invoker sees). They tell whether a
+better invoker could win anything, or the shaping rounds themselves would have to change.
+
 Results are written only for a TRAINED shaper (a folder ``mmseg train --config tiny-shaper`` finished, with its
 ``train_summary.json``); anything else is a clear error, so no placeholder numbers reach the results folder.
 """
@@ -22,12 +28,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmseg.data.refer import ReferDataset  # noqa: E402
-from mmseg.evaluation import evaluate_refer  # noqa: E402
+from mmseg.data.prompts import target_description  # noqa: E402
+from mmseg.evaluation import evaluate_refer, predicted_mask  # noqa: E402
 from mmseg.modeling.builder import is_checkpoint  # noqa: E402
 from mmseg.predictor import Segmenter  # noqa: E402
 
@@ -43,9 +51,11 @@ class Recorder:
         self.segmenter = segmenter
         self.infos: list[dict] = []
         self.total_ms: list[float] = []
+        self.answers: list = []
 
     def batch(self, conversations, images, **options):
         answers = self.segmenter.batch(conversations, images, **options)
+        self.answers.extend(answers)
         for answer in answers:
             self.infos.extend(answer.info)
             self.total_ms.append(answer.timings["total_ms"])
@@ -66,8 +76,9 @@ def check_trained_shaper(folder: Path) -> None:
 
 
 def evaluate(recorder: Recorder, dataset: ReferDataset, indices: list[int], batch_size: int, autocast,
-             **options) -> dict:
-    recorder.infos, recorder.total_ms = [], []
+             **options) -> tuple[dict, list]:
+    """One run's figures on ``indices``, and its answers in the order of ``indices``."""
+    recorder.infos, recorder.total_ms, recorder.answers = [], [], []
     start = time.perf_counter()
     with autocast():
         result = evaluate_refer(recorder, dataset, indices, batch_size=batch_size, progress=True, **options)
@@ -76,7 +87,47 @@ def evaluate(recorder: Recorder, dataset: ReferDataset, indices: list[int], batc
             "invocations_per_mask": sum(i.get("invocations", 0) for i in recorder.infos) / masks,
             "masks": len(recorder.infos),
             "ms_per_query": sum(recorder.total_ms) / max(1, len(recorder.total_ms)),
-            "seconds": round(time.perf_counter() - start, 1)}
+            "seconds": round(time.perf_counter() - start, 1)}, recorder.answers
+
+
+def overlap(answer, sample) -> tuple[int, int]:
+    """``(intersection, union)`` pixel counts of an answer's masks with the sample's ground truth."""
+    pred = predicted_mask(answer, sample.mask.shape)
+    return int((pred & sample.mask).sum()), int((pred | sample.mask).sum())
+
+
+def misnames(answer, sample) -> bool:
+    """Whether the answer's words miss the description of the sample's target (False without one)."""
+    description = target_description(sample)
+    return description is not None and description not in answer.text
+
+
+def ceilings(stats: dict[str, np.ndarray], misnamed: np.ndarray) -> dict[str, float]:
+    """The invoker's ceilings (module docstring) from per-sentence ``[intersection, union]`` pixel counts
+    ``(N, 2)`` of each mode (never / always / entropy) and ``misnamed (N,)`` bool (HiMTok's answer misses its
+    target's description).
+
+    ``best_per_sentence`` is the highest cIoU that any choice of one mode per sentence reaches. cIoU is a ratio of
+    sums, so it is found with Dinkelbach's iteration: given the current ratio r, each sentence takes the mode with
+    the largest ``intersection - r * union`` (never on ties); the new choice's cIoU is the next r. It rises
+    monotonically to the optimum, so the result is at least every single mode's cIoU.
+    """
+    def ciou(chosen: np.ndarray) -> float:
+        union = chosen[:, 1].sum()
+        return float(chosen[:, 0].sum() / union) if union > 0 else 1.0  # all empty: agreement, as SegMetrics
+
+    options = np.stack([stats[m] for m in ("never", "always", "entropy")])  # (3, N, 2)
+    rows = np.arange(options.shape[1])
+    ratio = ciou(stats["never"])
+    for _ in range(100):
+        chosen = options[(options[..., 0] - ratio * options[..., 1]).argmax(0), rows]  # argmax keeps the first
+        if ciou(chosen) <= ratio + 1e-12:
+            break
+        ratio = ciou(chosen)
+    where_wrong = {m: np.where(misnamed[:, None], stats[m], stats["never"]) for m in ("always", "entropy")}
+    return {"never": ciou(stats["never"]), "best_per_sentence": ratio,
+            "always_where_misnamed": ciou(where_wrong["always"]),
+            "entropy_where_misnamed": ciou(where_wrong["entropy"]), "misnamed": int(misnamed.sum())}
 
 
 @torch.no_grad()  # scoped: importing and calling main() leaves autograd as it was
@@ -112,13 +163,23 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"model": str(folder), "himtok_model": str(himtok_folder), "data": args.data, "limit": args.limit,
                      "batch_size": args.batch_size, "precision": args.precision, "device": device,
                      "threads": torch.get_num_threads(), "runs": {}}
+    results["ceilings"] = {}
     for split in SPLITS:
         dataset = ReferDataset(args.data, "synthref", "unc", split)
         step = max(1, len(dataset) // args.limit) if args.limit else 1
         indices = list(range(0, len(dataset), step))[: args.limit]
+        samples = [dataset[i] for i in indices]
+        stats: dict[str, np.ndarray] = {}
         for name, segmenter, options in runs:
-            result = evaluate(Recorder(segmenter), dataset, indices, args.batch_size, autocast, **options)
+            result, answers = evaluate(Recorder(segmenter), dataset, indices, args.batch_size, autocast, **options)
             results["runs"].setdefault(name, {})[split] = result
+            if name == "himtok":
+                # the words are the same in every mode (shaping only moves mask tokens); "named" as evaluate_refer
+                misnamed = np.array([misnames(a, s) for s, a in zip(samples, answers)], dtype=bool)
+            if options.get("invoke") in ("never", "always", "entropy"):
+                stats[options["invoke"]] = np.array([overlap(a, s) for s, a in zip(samples, answers)],
+                                                    dtype=np.float64).reshape(-1, 2)
+        results["ceilings"][split] = ceilings(stats, misnamed)
 
     header = "".join(f"{s + ' cIoU':>12}{s + ' gIoU':>12}" for s in SPLITS)
     print(f"{'run':<18}{header}{'calls/mask':>12}{'ms/query':>10}")
@@ -130,6 +191,12 @@ def main(argv: list[str] | None = None) -> dict:
         ms = sum(per_split[s]["ms_per_query"] * per_split[s]["n"] for s in SPLITS) / max(1, queries)
         print(f"{name:<18}{cells}{calls:>12.2f}{ms:>10.1f}")
         per_split["all"] = {"invocations_per_mask": round(calls, 4), "ms_per_query": round(ms, 2)}
+    print(f"\n{'invoker ceiling':<40}" + "".join(f"{s + ' cIoU':>12}" for s in SPLITS))
+    for key, label in (("never", "never"), ("best_per_sentence", "best of never/always/entropy per sentence"),
+                       ("always_where_misnamed", "always where the words are wrong"),
+                       ("entropy_where_misnamed", "entropy where the words are wrong")):
+        print(f"{label:<40}" + "".join(f"{results['ceilings'][s][key]:>12.4f}" for s in SPLITS))
+    print("sentences whose words are wrong: " + ", ".join(f"{s} {results['ceilings'][s]['misnamed']}" for s in SPLITS))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"-> {args.json}")

@@ -542,6 +542,9 @@ def test_both_stages_run_through_mmseg_train_and_resume(synthref_root, tokenizer
         assert runs["shaper never"][split]["ciou"] == runs["himtok"][split]["ciou"]  # never is plain HiMTok
         assert runs["shaper never"][split]["invocations_per_mask"] == 0 and runs["himtok"][split]["n"] == 2
         assert all(0 <= runs[name][split]["giou"] <= 1 and runs[name][split]["ms_per_query"] > 0 for name in runs)
+        ceiling = result["ceilings"][split]  # recomputed from the runs' masks: never's must match its run
+        assert ceiling["never"] == pytest.approx(runs["shaper never"][split]["ciou"])
+        assert ceiling["best_per_sentence"] >= max(runs[f"shaper {m}"][split]["ciou"] for m in ("always", "entropy")) - 1e-12
 
 
 def _benchmark():
@@ -552,6 +555,25 @@ def _benchmark():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_benchmarks_invoker_ceilings():
+    ceilings = _benchmark().ceilings
+    # three sentences: shaping helps the first (a misnamed one), hurts the second, changes nothing on the third
+    never = np.array([[10, 100], [90, 100], [0, 0]], dtype=float)
+    always = np.array([[60, 100], [50, 120], [0, 0]], dtype=float)
+    entropy = np.array([[40, 100], [90, 100], [0, 0]], dtype=float)
+    out = ceilings({"never": never, "always": always, "entropy": entropy}, np.array([True, False, False]))
+    assert out["never"] == pytest.approx(100 / 200) and out["misnamed"] == 1
+    assert out["best_per_sentence"] == pytest.approx(150 / 200)  # always on the first, never (or entropy) after
+    assert out["always_where_misnamed"] == pytest.approx(150 / 200)
+    assert out["entropy_where_misnamed"] == pytest.approx(130 / 200)
+    # the ceiling maximises the cIoU, not each sentence's IoU: always has the better IoU on the first sentence
+    # (50/55 against 90/100) but fewer pixels right, which costs the pooled ratio
+    never = np.array([[90, 100], [700, 1000]], dtype=float)
+    always = np.array([[50, 55], [700, 1000]], dtype=float)
+    out = ceilings({"never": never, "always": always, "entropy": never}, np.array([False, False]))
+    assert out["best_per_sentence"] == pytest.approx(790 / 1100) and 790 / 1100 > 750 / 1055
 
 
 def test_the_benchmark_refuses_anything_but_a_trained_shaper(tmp_path, synthref_root, tokenizer_dir, capsys):
