@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmseg.data.refer import ReferDataset  # noqa: E402
 from mmseg.data.prompts import target_description  # noqa: E402
 from mmseg.evaluation import evaluate_refer, predicted_mask  # noqa: E402
+from mmseg.metrics import mask_iou_stats  # noqa: E402
 from mmseg.modeling.builder import is_checkpoint  # noqa: E402
 from mmseg.predictor import Segmenter  # noqa: E402
 
@@ -88,12 +89,6 @@ def evaluate(recorder: Recorder, dataset: ReferDataset, indices: list[int], batc
             "masks": len(recorder.infos),
             "ms_per_query": sum(recorder.total_ms) / max(1, len(recorder.total_ms)),
             "seconds": round(time.perf_counter() - start, 1)}, recorder.answers
-
-
-def overlap(answer, sample) -> tuple[int, int]:
-    """``(intersection, union)`` pixel counts of an answer's masks with the sample's ground truth."""
-    pred = predicted_mask(answer, sample.mask.shape)
-    return int((pred & sample.mask).sum()), int((pred | sample.mask).sum())
 
 
 def misnames(answer, sample) -> bool:
@@ -177,8 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
                 # the words are the same in every mode (shaping only moves mask tokens); "named" as evaluate_refer
                 misnamed = np.array([misnames(a, s) for s, a in zip(samples, answers)], dtype=bool)
             if options.get("invoke") in ("never", "always", "entropy"):
-                stats[options["invoke"]] = np.array([overlap(a, s) for s, a in zip(samples, answers)],
-                                                    dtype=np.float64).reshape(-1, 2)
+                stats[options["invoke"]] = np.array(
+                    [mask_iou_stats(predicted_mask(a, s.mask.shape), s.mask) for s, a in zip(samples, answers)],
+                    dtype=np.float64).reshape(-1, 2)
         results["ceilings"][split] = ceilings(stats, misnamed)
 
     header = "".join(f"{s + ' cIoU':>12}{s + ' gIoU':>12}" for s in SPLITS)

@@ -521,8 +521,9 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
             asked = len(picked)
         accelerator.wait_for_everyone()
         own = [json.loads(line) for line in own_path.read_text().splitlines()]
-        mismatched = [e for e in own
-                      if e["answer"] != training_answer(train_set, train_set[e["index"]], describe, reason)]
+        if asked or options.own_mismatch_share:  # each check reads a sample (and decodes its mask): only if used
+            mismatched = [e for e in own
+                          if e["answer"] != training_answer(train_set, train_set[e["index"]], describe, reason)]
         if asked:  # made in this run: recorded once
             history.append({"stage": 0, "step": 0, "elapsed_s": round(elapsed(), 1), "own_answers": len(own),
                             "own_asked": asked, "own_as_trained": round(1 - len(mismatched) / len(own), 4)})
