@@ -44,7 +44,7 @@ from mmseg.config import TRAIN_CONFIG_FILE, ModelConfig, Preset, trained_answer_
 from mmseg.data.prompts import SEGMENT_TEMPLATES, segment_answer, segment_prompt, target_description
 from mmseg.modeling.heads.shaper import ShaperConfig, ShaperHead, shaper_from_himtok
 from mmseg.modeling.model import CONFIG_FILE, MMSegModel
-from mmseg.modeling.shaper.invoker import group_advantages, reinforce_loss
+from mmseg.modeling.shaper.invoker import NUM_FEATURES, group_advantages, reinforce_loss
 from mmseg.processing import SEG_TOKEN
 from mmseg.train import CURVE_FILE, HISTORY_FILE, STATE_DIR, lr_at
 
@@ -215,8 +215,12 @@ class ShapingObjective(nn.Module):
         span = hidden[rows[:, None], span_pos.clamp(max=t - 1)]
         prompt_mask = (labels[rows] == -100) & attention[rows].bool()
         p, image = head.prompt_summary(row_ids, hidden[rows], prompt_mask)
-        memory = torch.cat([image, span], dim=1)
-        memory_valid = torch.cat([torch.ones(image.shape[:2], dtype=torch.bool, device=ids.device), span_valid], dim=1)
+        text = text_valid = None
+        if head.config.memory_text:  # every real text position before the span: the request and the answer's words
+            before = torch.arange(t, device=ids.device)[None] < s[:, None]
+            text_valid = before & attention[rows].bool() & (row_ids != head.image_token_id)
+            text = hidden[rows]
+        memory, memory_valid = head.long_memory(image, span, span_valid, text, text_valid)
         shift, steer = head.shift(model, recent, recent_valid, memory, memory_valid, p, i)  # the only grad paths
         shaped = embeds.clone()
         shaped[rows, pos] = shaped[rows, pos] + shift.to(shaped.dtype)
@@ -315,7 +319,7 @@ def rollouts(model: MMSegModel, processor: Any, samples: Sequence[Any], prompts:
 
 def policy_batch(answers: list[list[Any]], baseline: list[Any], targets: Sequence[Any], cost: float,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Rollouts -> every decision's ``features (M, 4)``, ``actions (M,)`` and its rollout's advantage ``(M,)``, plus
+    """Rollouts -> every decision's ``features (M, F)``, ``actions (M,)`` and its rollout's advantage ``(M,)``, plus
     the step's means (reward, IoU with and without invocation, invocations per mask, invoke rate)."""
     group = len(answers[0])
     rewards = torch.zeros(len(answers), group)
@@ -342,7 +346,8 @@ def policy_batch(answers: list[list[Any]], baseline: list[Any], targets: Sequenc
              "invocations": sum(invocations) / max(1, len(invocations)),
              "invoke_rate": sum(actions) / max(1, len(actions)), "decisions": float(len(actions))}
     as_tensor = lambda values, shape: torch.tensor(values, dtype=torch.float32, device=device).reshape(shape)  # noqa: E731
-    return as_tensor(features, (-1, 4)), as_tensor(actions, (-1,)), as_tensor(per_decision, (-1,)), stats
+    width = len(features[0]) if features else NUM_FEATURES
+    return as_tensor(features, (-1, width)), as_tensor(actions, (-1,)), as_tensor(per_decision, (-1,)), stats
 
 
 # -- validation and the curve -------------------------------------------------------------------------------
@@ -528,9 +533,9 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
             history.append({"stage": 0, "step": 0, "elapsed_s": round(elapsed(), 1), "own_answers": len(own),
                             "own_asked": asked, "own_as_trained": round(1 - len(mismatched) / len(own), 4)})
 
-    def own_draw(rng: random.Random, count: int) -> list[dict]:
-        """``count`` pool answers; a share ``head.own_mismatch_share`` of them from those whose words are wrong."""
-        share = options.own_mismatch_share if mismatched else 0.0
+    def own_draw(rng: random.Random, count: int, share: float) -> list[dict]:
+        """``count`` pool answers; a share ``share`` of them from those whose words are wrong (0: as drawn)."""
+        share = share if mismatched else 0.0
         picks = []
         for _ in range(count):
             source = mismatched if share and rng.random() < share else own
@@ -582,7 +587,7 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
                 group["lr"] = lr
             rng = random.Random(cfg.seed * 1_000_003 + step)  # (seed, step) -> data: a resumed run sees the same
             if own:
-                drawn = [(train_set[e["index"]], e) for e in own_draw(rng, cfg.batch_size)]
+                drawn = [(train_set[e["index"]], e) for e in own_draw(rng, cfg.batch_size, options.own_mismatch_share)]
                 examples = [Example(sample.image_path, e["prompt"], e["answer"], sample.mask) for sample, e in drawn]
             else:
                 examples = [pool.draw(rng, 0.0, target_types) for _ in range(cfg.batch_size)]
@@ -615,6 +620,7 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
         save()  # the stage boundary: a resume starts stage 2
 
     # ---- stage 2: the learned invoker ----
+    policy_share = options.own_mismatch_share if options.policy_mismatch_share is None else options.policy_mismatch_share
     freeze_for(model, 2)
     model.eval()
     group_size = options.policy_group
@@ -623,7 +629,7 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
     while step < steps2 and not (total_s is not None and elapsed() >= total_s):
         rng = random.Random(cfg.seed * 1_000_003 + 7_919 * (step + 1))
         if own:  # after the frozen model's own words, as at inference
-            entries = own_draw(rng, options.policy_batch)[rank::world]
+            entries = own_draw(rng, options.policy_batch, policy_share)[rank::world]
             samples = [train_set[e["index"]] for e in entries]
             prompts, texts = [e["prompt"] for e in entries], [e["answer"] for e in entries]
         else:

@@ -197,6 +197,35 @@ def test_invoker_features():
     f = invoker_features([0.2, 0.5, 0.4], entropy=0.9, window=2)
     torch.testing.assert_close(f, torch.tensor([0.4, -0.1, 0.0025, 0.9]))
     torch.testing.assert_close(invoker_features([0.3], 0.1, 4), torch.tensor([0.3, 0.0, 0.0, 0.1]))
+    # the answer's confidence, scaled into [-1, 0] and clipped at a log-probability of -10
+    torch.testing.assert_close(invoker_features([0.3], 0.1, 4, confidence=-2.0), torch.tensor([0.3, 0.0, 0.0, 0.1, -0.2]))
+    assert float(invoker_features([0.3], 0.1, 4, confidence=-25.0)[-1]) == -1.0
+
+
+def test_the_learned_invoker_reads_the_answers_confidence(tokenizer_dir):
+    """``policy_confidence``: the policy's fifth input is the lowest log-probability of the answer's words before
+    ``<mt_start>``, under the distributions that chose them (a teacher-forced pass gives the same)."""
+    himtok, proc = _model(tokenizer_dir, seed=2)
+    shaper = shaper_from_himtok(himtok, proc, {"policy_confidence": True}).eval()
+    _wake(shaper)
+    assert shaper.head.policy.mlp[0].in_features == 5
+    words = proc.encode_model_text("the red circle")[:2]
+    shaper.head.constrain = _words_then_mask(shaper.head, proc, words)
+    prompt = proc.encode_chat([{"role": "user", "content": QUERIES[0]}])[0]
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    gen = generate(shaper, [prompt], pixels, eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
+                   max_new_tokens=4, options={"invoke": "learned", "sample_seed": 0})
+    trace = gen.masks[0][0].info["policy_trace"]
+    assert trace and all(len(d["features"]) == 5 for d in trace)
+    ids = torch.tensor([prompt + words])
+    with torch.no_grad():
+        embeds, _ = shaper.embed_inputs(ids, pixels)
+        hidden = shaper.text_hidden(embeds, ids, torch.ones_like(ids), None)
+        logp = torch.log_softmax(shaper.lm.get_output_embeddings()(hidden[0, len(prompt) - 1 : -1]).float(), -1)
+    lowest = float(logp.gather(1, torch.tensor(words)[:, None]).min())
+    assert -10.0 < lowest < 0.0  # inside the feature's range, so the comparison below means something
+    for decision in trace:  # one value for the whole span
+        assert decision["features"][4] == pytest.approx(max(lowest, -10.0) / 10.0, abs=1e-4)
 
 
 def test_one_policy_gradient_step_favours_the_rewarded_action():
@@ -297,6 +326,8 @@ def test_bad_options_and_config_are_clear_errors(forced, tokenizer_dir):
         shaper_from_himtok(himtok, proc2, {"own_answers": 2.5})
     with pytest.raises(ValueError, match=r"own_mismatch_share must be in \[0, 1\]"):
         shaper_from_himtok(himtok, proc2, {"own_mismatch_share": 1.5})
+    with pytest.raises(ValueError, match=r"policy_mismatch_share must be in \[0, 1\]"):
+        shaper_from_himtok(himtok, proc2, {"policy_mismatch_share": -0.1})
     with pytest.raises(ValueError, match="starts from a himtok model"):
         shaper_from_himtok(tiny_model()[0], proc2)
 
@@ -327,6 +358,25 @@ def test_save_and_from_pretrained_give_identical_answers(forced, tmp_path, monke
 
 
 # -- training -----------------------------------------------------------------------------------------------------
+def _words_then_mask(head, proc, words: list[int]):
+    """A constrain that forces the answer ``words``, then ``<mt_start>`` (the head's own constrain picks the codes),
+    and ``eos`` after ``<mt_end>``."""
+    plain = type(head).constrain.__get__(head)
+
+    def constrain(session, logits):
+        logits = logits.clone()
+        for row, tokens in enumerate(session.tokens):
+            n = len(tokens)
+            forced = words[n] if n < len(words) else head.mt_start_id if n == len(words) else \
+                proc.eos_token_id if tokens[-1] == head.mt_end_id else None
+            if forced is not None:
+                logits[row] = -1e9
+                logits[row, forced] = 0.0
+        return plain(session, logits)
+
+    return constrain
+
+
 def _shaped_rollout(shaper, proc, query: str, monkeypatch):
     """Decode ``query`` with ``invoke="always"``, recording every input shift the head computes; returns the generation,
     the shifts in order, and the teacher-forced batch of the same answer (for the stage-1 objective)."""
@@ -347,16 +397,26 @@ def _shaped_rollout(shaper, proc, query: str, monkeypatch):
     ids = torch.tensor([prompt + answer])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
              "labels": torch.tensor([[-100] * len(prompt) + answer]), "mask_targets": torch.zeros(1, 64, 64),
-             "seg_positions": torch.tensor([len(prompt)])}
+             "seg_positions": torch.tensor([len(prompt) + answer.index(shaper.head.mt_start_id)])}
     return gen, shifts, batch
 
 
-def test_stage_one_objective_matches_inference_and_trains_only_the_shaper(forced, monkeypatch):
+@pytest.mark.parametrize("memory_text", [False, True])
+def test_stage_one_objective_matches_inference_and_trains_only_the_shaper(forced, monkeypatch, memory_text):
     """The teacher-forced states equal the ones decoding collects: the shift computed in training for mask token i
-    is the one inference adds there. Gradients reach the shaper's parts, never the frozen model."""
+    is the one inference adds there (with ``memory_text``, the long memory's text states too: the request and the
+    answer's words). Gradients reach the shaper's parts, never the frozen model."""
     from mmseg.train_shaper import ShapingObjective, freeze_for
 
     _, shaper, proc = forced
+    monkeypatch.setattr(shaper.head, "config", dataclasses.replace(shaper.head.config, memory_text=memory_text))
+    if memory_text:  # the memory the condenser reads: image positions, then every text position before the span
+        words = proc.encode_model_text("the red circle")[:2]  # answer words before <mt_start>, whose states it holds
+        monkeypatch.setattr(shaper.head, "constrain", _words_then_mask(shaper.head, proc, words))
+        sizes = []
+        long = shaper.head.condense_long.forward
+        monkeypatch.setattr(shaper.head.condense_long, "forward",
+                            lambda states, valid: sizes.append(valid.sum(1).tolist()) or long(states, valid))
     _, shifts, batch = _shaped_rollout(shaper, proc, QUERIES[1], monkeypatch)
     inference_shift = shifts[0]  # at mask token 3, before any other shaping
     objective = ShapingObjective(shaper)
@@ -364,6 +424,10 @@ def test_stage_one_objective_matches_inference_and_trains_only_the_shaper(forced
     try:
         losses = objective(batch, torch.tensor([3]))
         torch.testing.assert_close(shifts[-1], inference_shift, atol=1e-4, rtol=1e-3)
+        if memory_text:  # decoding's first round and training's: the same number of memory states
+            start = int(batch["seg_positions"][0])  # every position before it is the image or text
+            assert start == int((batch["labels"][0] == -100).sum()) + len(words)  # the words precede the span
+            assert sizes[0] == sizes[-1] == [start + 5]  # + <mt_start> and codes 0..3
         assert set(losses) == {"shaped_ce", "mask_bce", "mask_dice", "mask_prefix", "loss", "base_ce"}
         assert all(torch.isfinite(v) for v in losses.values())
         shaper.zero_grad()

@@ -8,7 +8,8 @@ run (:mod:`mmseg.modeling.shaper.invoker`). One round, in :meth:`ShaperHead.afte
 
 1. short condenser over a ring buffer of the last ``buffer_size`` last-layer hidden states -> pooled ``m``;
 2. long condenser over the hidden states of the span so far (``<mt_start>`` and codes ``0..i``) plus the image
-   positions of the prompt -> memory tokens;
+   positions of the prompt (with ``memory_text``, also every text position before the span: the request and the
+   answer's words) -> memory tokens;
 3. latent thought: the frozen LM over ``[think-prompt; memory]`` in a separate forward -> ``z``;
 4. translator ``[z, m, p] -> c`` (``p``: the prompt's hidden states pooled, image positions excluded);
 5. control shaper ``c -> shift``; the shift is added to the input embedding of mask token ``i`` and that one
@@ -47,6 +48,7 @@ from mmseg.modeling.shaper.condenser import Condenser
 from mmseg.modeling.shaper.control import ControlShaper
 from mmseg.modeling.shaper.invoker import (
     INVOKE_MODES,
+    NUM_FEATURES,
     PolicyInvoker,
     check_invoke_mode,
     entropy_rounds,
@@ -89,6 +91,10 @@ class ShaperConfig(HiMTokConfig):
     entropy_max_rounds: int = 2
     policy_hidden: int = 32
     policy_window: int = 4  # checkpoints in the variance feature
+    # A fifth policy input: the answer's confidence, the lowest log-probability of a text token it chose before
+    # <mt_start> (see mmseg.modeling.shaper.invoker.confidence_feature). Off: the four features of LatentMorph's
+    # invoker adapted to mask tokens.
+    policy_confidence: bool = False
     # architecture
     buffer_size: int = 8  # ring buffer of recent hidden states (short condenser)
     short_queries: int = 4
@@ -99,6 +105,12 @@ class ShaperConfig(HiMTokConfig):
     # mmseg.modeling.shaper.code_steer): the lever on the readouts' share of the code logits, which the
     # input-embedding shift cannot reach. Off: the shift alone, as LatentMorph.
     steer_codes: bool = False
+    # The long condenser's memory also holds the hidden states of every text position before the mask span: the
+    # request's tokens and the answer's words (off: the image positions and the span only). Why: the masks a shaper
+    # could fix are those drawn after words that name another object, and without this the shaping rounds see the
+    # request only pooled into ``p`` (synthref-himtok, session 29: even an oracle invoker that shapes exactly where
+    # the words are wrong gains +0.006 testB cIoU with the image-and-span memory).
+    memory_text: bool = False
     think_prompt: str = "Think again about the object and the mask so far."
     # stage 1 (teacher-forced); steps, batch and learning rate come from the preset's "train"
     shaper_ce_weight: float = 1.0  # CE on the mask tokens after the injection (the HiMTok mask loss is added)
@@ -118,6 +130,10 @@ class ShaperConfig(HiMTokConfig):
     # Share of both stages' draws taken from the pool's answers whose words differ from the true answer (the cases a
     # shaper could fix); 0: every answer as likely (on synthref-s2, 11% of the pool's answers differ).
     own_mismatch_share: float = 0.0
+    # The same share for stage 2's draws only (None: ``own_mismatch_share``). Why apart: the invoker learns when a
+    # round pays, and that depends on how often the words are wrong, so it is best learnt at the rate decoding meets
+    # (0: the pool as drawn), while stage 1 may see the rare case more often to learn the fix.
+    policy_mismatch_share: float | None = None
     # stage 2 (REINFORCE with a group baseline)
     policy_steps: int = 300
     policy_lr: float = 3e-3
@@ -133,6 +149,10 @@ class _RowState:
 
     seen: int = 0  # len(session.tokens[row]) at the previous after_step: tells whether this step fed a token
     recent: deque = field(default_factory=deque)  # ring buffer of (D,) hidden states
+    context: list[torch.Tensor] = field(default_factory=list)  # memory_text: text states fed so far (prompt first)
+    span_context: list[torch.Tensor] = field(default_factory=list)  # memory_text: ``context`` before the open span
+    min_log_prob: float = 0.0  # policy_confidence: the lowest log-probability of a text token chosen so far
+    span_log_prob: float = 0.0  # policy_confidence: ``min_log_prob`` when the open span began
     span: list[torch.Tensor] | None = None  # hidden states of the open span: <mt_start>, then each code
     cos: list[float] = field(default_factory=list)  # cos(m, p) at each checkpoint of the open span
     invoked: list[list[int]] = field(default_factory=list)  # per span: mask-token index of each round
@@ -174,8 +194,10 @@ class ShaperHead(HiMTokHead):
             raise ValueError(f"shaper head: policy_time_share must be in [0, 1), got {config.policy_time_share}")
         if not config.think_prompt.strip():
             raise ValueError("shaper head: think_prompt is empty")
-        if not 0.0 <= config.own_mismatch_share <= 1.0:
-            raise ValueError(f"shaper head: own_mismatch_share must be in [0, 1], got {config.own_mismatch_share}")
+        for key in ("own_mismatch_share", "policy_mismatch_share"):
+            share = getattr(config, key)
+            if share is not None and not 0.0 <= share <= 1.0:
+                raise ValueError(f"shaper head: {key} must be in [0, 1], got {share}")
         if config.own_answers < 0:
             raise ValueError(f"shaper head: own_answers must be >= 0, got {config.own_answers}")
         super().__init__(config, hidden_size=hidden_size, image_size=image_size, grid_size=grid_size, asset_dir=asset_dir,
@@ -186,7 +208,7 @@ class ShaperHead(HiMTokHead):
         self.control = ControlShaper(hidden_size, config.num_controls)
         self.code_steer = CodeSteer(hidden_size, self.num_tokens, self.mask_tokenizer.config.code_dim) \
             if config.steer_codes else None
-        self.policy = PolicyInvoker(config.policy_hidden)
+        self.policy = PolicyInvoker(config.policy_hidden, NUM_FEATURES + int(config.policy_confidence))
 
     @classmethod
     def trainer(cls) -> Callable[..., dict]:
@@ -227,7 +249,7 @@ class ShaperHead(HiMTokHead):
         :class:`CodeSteer`).
 
         ``recent (N, R, D)`` + ``recent_valid (N, R)``: the ring buffer; ``memory_states (N, M, D)`` +
-        ``memory_valid (N, M)``: image positions and the span so far; ``prompt (N, D)``: the pooled prompt ``p``;
+        ``memory_valid (N, M)``: what :meth:`long_memory` gathers; ``prompt (N, D)``: the pooled prompt ``p``;
         ``after (N,)``: the mask-token index of the shaped token (-1 for ``<mt_start>``).
         """
         m = self.condense_short.pooled(recent, recent_valid)
@@ -239,6 +261,21 @@ class ShaperHead(HiMTokHead):
         if self.code_steer is None:
             return shift, None
         return shift, self.code_steer(c, self._codebook(torch.float32), after)
+
+    def long_memory(self, image: torch.Tensor, span: torch.Tensor, span_valid: torch.Tensor,
+                    text: torch.Tensor | None = None,
+                    text_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The long condenser's memory ``(N, M, D)`` and its validity ``(N, M)``: ``image (N, P, D)`` (all valid),
+        then, with ``memory_text``, ``text (N, L, D)`` + ``text_valid (N, L)`` (the text positions before the span),
+        then ``span (N, S, D)`` + ``span_valid (N, S)``."""
+        states = [image, span.to(image.dtype)]
+        valid = [torch.ones(image.shape[:2], dtype=torch.bool, device=image.device), span_valid]
+        if self.config.memory_text:
+            if text is None or text_valid is None:
+                raise ValueError("memory_text needs the text states before the span")
+            states.insert(1, text.to(image.dtype))
+            valid.insert(1, text_valid)
+        return torch.cat(states, dim=1), torch.cat(valid, dim=1)
 
     def session_readout(self, session: "DecodeSession", rows: torch.Tensor, steps: list[int],
                         query: torch.Tensor | None = None) -> torch.Tensor:
@@ -286,10 +323,13 @@ class ShaperHead(HiMTokHead):
         t = session.prompt_ids.shape[1]
         valid = session.cache_valid[:, :t]
         prompt, image = self.prompt_summary(session.prompt_ids, session.prompt_hidden, valid)
+        text = valid & (session.prompt_ids != self.image_token_id)
         rows = []
         for row in range(session.batch_size):
             states = session.prompt_hidden[row][valid[row]]
-            rows.append(_RowState(recent=deque(states[-self.config.buffer_size:], maxlen=self.config.buffer_size)))
+            context = list(session.prompt_hidden[row][text[row]]) if self.config.memory_text else []
+            rows.append(_RowState(recent=deque(states[-self.config.buffer_size:], maxlen=self.config.buffer_size),
+                                  context=context))
         seed = session.options.get("sample_seed")
         generator = None
         if seed is not None:
@@ -307,6 +347,8 @@ class ShaperHead(HiMTokHead):
         rows: list[_RowState] = state["rows"]
         candidates: list[int] = []  # rows at a checkpoint with invocations left
         checkpoints = set(self.checkpoints())
+        if self.config.policy_confidence and self.invoke_mode(session.options) == "learned":
+            self._track_confidence(session, rows)
         for r, row in enumerate(rows):
             tokens = session.tokens[r]
             if len(tokens) == row.seen:  # nothing fed for this row (finished, or its eos)
@@ -315,8 +357,12 @@ class ShaperHead(HiMTokHead):
             h = hidden[r, -1]
             row.recent.append(h)
             token = tokens[-1]
+            if self.config.memory_text:  # every fed token, as in a teacher-forced pass: positions before the span
+                if token == self.mt_start_id:
+                    row.span_context = list(row.context)
+                row.context.append(h)
             if token == self.mt_start_id:
-                row.span, row.cos = [h], []
+                row.span, row.cos, row.span_log_prob = [h], [], row.min_log_prob
                 row.invoked.append([])
                 row.trace.append([])
                 if -1 in checkpoints:  # steer_start: <mt_start> itself is a checkpoint
@@ -337,9 +383,10 @@ class ShaperHead(HiMTokHead):
             recent, recent_valid = pad_states([rows[r].recent for r in active])
             span, span_valid = pad_states([rows[r].span for r in active])
             index = torch.tensor(active, device=hidden.device)
-            image = state["image"][index]
-            memory = torch.cat([image, span.to(image.dtype)], dim=1)
-            memory_valid = torch.cat([torch.ones(image.shape[:2], dtype=torch.bool, device=image.device), span_valid], 1)
+            text = text_valid = None
+            if self.config.memory_text:
+                text, text_valid = pad_states([rows[r].span_context for r in active])
+            memory, memory_valid = self.long_memory(state["image"][index], span, span_valid, text, text_valid)
             after = torch.tensor([len(rows[r].span) - 2 for r in active], device=hidden.device)
             shift, steer = self.shift(session.model, recent, recent_valid, memory, memory_valid, state["prompt"][index],
                                       after)
@@ -359,8 +406,26 @@ class ShaperHead(HiMTokHead):
             for r in active:
                 rows[r].recent[-1] = hidden[r, -1]
                 rows[r].span[-1] = hidden[r, -1]
+                if self.config.memory_text:
+                    rows[r].context[-1] = hidden[r, -1]
                 rows[r].invoked[-1].append(len(rows[r].span) - 2)
         return hidden
+
+    def _track_confidence(self, session: "DecodeSession", rows: list[_RowState]) -> None:
+        """``policy_confidence``: fold the log-probability of each text token fed this step into its row's running
+        minimum. The distribution that chose it is the LM's at the previous position, whose state is the ring
+        buffer's newest entry (the prompt's last state for the answer's first token); a code or span marker is
+        not a word of the answer and is skipped."""
+        fed = [r for r, row in enumerate(rows) if len(session.tokens[r]) != row.seen]
+        fed = [r for r in fed if rows[r].span is None and session.tokens[r][-1] not in self._code_of
+               and session.tokens[r][-1] not in (self.mt_start_id, self.mt_end_id)]
+        if not fed:
+            return
+        previous = torch.stack([rows[r].recent[-1] for r in fed])
+        log_probs = torch.log_softmax(session.model.lm.get_output_embeddings()(previous).float(), dim=-1)
+        chosen = torch.tensor([session.tokens[r][-1] for r in fed], device=log_probs.device)
+        for r, value in zip(fed, log_probs.gather(1, chosen[:, None])[:, 0].tolist()):
+            rows[r].min_log_prob = min(rows[r].min_log_prob, value)
 
     def _checkpoint_readout(self, session: "DecodeSession", candidates: list[int], steps: list[int],
                             hidden: torch.Tensor) -> torch.Tensor:
@@ -401,7 +466,8 @@ class ShaperHead(HiMTokHead):
         features = []
         for i, r in enumerate(candidates):
             rows[r].cos.append(float(cos[i]))
-            features.append(invoker_features(rows[r].cos, float(entropy[i]), self.config.policy_window))
+            confidence = rows[r].span_log_prob if self.config.policy_confidence else None
+            features.append(invoker_features(rows[r].cos, float(entropy[i]), self.config.policy_window, confidence))
         features_t = torch.stack(features).to(hidden.device)
         decisions = self.policy.decide(features_t, state["generator"]).tolist()
         if state["generator"] is not None:

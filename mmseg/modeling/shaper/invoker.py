@@ -11,7 +11,8 @@ Modes (config ``invoke``, or per call ``segmenter(image, query, invoke=...)``):
 - ``learned`` a tiny policy MLP ``4 -> hidden -> 1`` over ``[cos(m, p), its change since the previous checkpoint,
   its variance over the last few checkpoints, H]`` gives a Bernoulli probability of invoking; it is sampled during
   stage-2 training (and when a call passes ``sample_seed``), thresholded at 0.5 otherwise so answers are
-  reproducible.
+  reproducible. With the head's ``policy_confidence`` a fifth input, the answer's confidence: the lowest
+  log-probability of a text token the answer chose before ``<mt_start>`` (:func:`confidence_feature`).
 
 Every mode respects the cap on invocations per mask. Stage 2 trains the policy with REINFORCE against a group
 baseline (:func:`group_advantages`, :func:`reinforce_loss`).
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 INVOKE_MODES = ("never", "always", "entropy", "learned")
-NUM_FEATURES = 4
+NUM_FEATURES = 4  # without the answer's confidence
+CONFIDENCE_FLOOR = -10.0  # log-probabilities below this are clipped: the feature lies in [-1, 0]
 
 
 def check_invoke_mode(mode: object) -> str:
@@ -52,23 +54,40 @@ def entropy_rounds(entropy: torch.Tensor, low: float, high: float, max_rounds: i
     return (effort.round() - 1).long()
 
 
-def invoker_features(cos_history: Sequence[float], entropy: float, window: int) -> torch.Tensor:
+def confidence_feature(min_log_prob: float) -> float:
+    """The answer's lowest chosen-token log-probability -> ``min_log_prob / 10`` clipped to ``[-1, 0]``.
+
+    Why it is a feature: on synthref-himtok (session 29, seed-1 testB) it tells answers that name another object
+    than the request's from the rest with AUROC 0.86, and those are the masks a shaping round could fix; the
+    other four features do not separate them.
+    """
+    return max(min_log_prob, CONFIDENCE_FLOOR) / -CONFIDENCE_FLOOR
+
+
+def invoker_features(cos_history: Sequence[float], entropy: float, window: int,
+                     confidence: float | None = None) -> torch.Tensor:
     """The policy's input ``(4,)`` from this mask's ``cos(m, p)`` at each checkpoint so far (current last) and the
-    current normalised entropy: ``[cos, cos - previous cos (0 at the first), variance over the last window, H]``."""
+    current normalised entropy: ``[cos, cos - previous cos (0 at the first), variance over the last window, H]``;
+    ``(5,)`` with the answer's lowest chosen-token log-probability ``confidence`` (see :func:`confidence_feature`)
+    appended."""
     current = cos_history[-1]
     delta = current - cos_history[-2] if len(cos_history) > 1 else 0.0
     recent = torch.tensor(list(cos_history[-window:]), dtype=torch.float32)
     variance = float(recent.var(unbiased=False)) if len(recent) > 1 else 0.0
-    return torch.tensor([current, delta, variance, entropy], dtype=torch.float32)
+    values = [current, delta, variance, entropy]
+    if confidence is not None:
+        values.append(confidence_feature(confidence))
+    return torch.tensor(values, dtype=torch.float32)
 
 
 class PolicyInvoker(nn.Module):
-    """Bernoulli policy ``features (N, 4) -> logits (N,)`` of invoking. The last layer starts at zero, so an
-    untrained policy invokes with probability 0.5 everywhere (maximal exploration for stage 2)."""
+    """Bernoulli policy ``features (N, F) -> logits (N,)`` of invoking (``F`` = ``num_features``, 4 or 5). The last
+    layer starts at zero, so an untrained policy invokes with probability 0.5 everywhere (maximal exploration for
+    stage 2)."""
 
-    def __init__(self, hidden: int = 32) -> None:
+    def __init__(self, hidden: int = 32, num_features: int = NUM_FEATURES) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(NUM_FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.mlp = nn.Sequential(nn.Linear(num_features, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
