@@ -114,6 +114,19 @@ def pick_sentences(by_type: dict[str, list[int]], count: int, type_weights: dict
     return picked
 
 
+def draw_own(pool: Sequence[dict], mismatched: Sequence[dict], count: int, share: float,
+             rng: random.Random) -> list[dict]:
+    """``count`` answers of the frozen model's own ``pool``, a share ``share`` of them drawn from ``mismatched``
+    (the pool's answers whose words differ from the trained answer); ``share`` 0 or no mismatched answers: every
+    pool answer as likely."""
+    share = share if mismatched else 0.0
+    picks = []
+    for _ in range(count):
+        source = mismatched if share and rng.random() < share else pool
+        picks.append(source[rng.randrange(len(source))])
+    return picks
+
+
 def own_answers(model: MMSegModel, processor: Any, refer: Any, indices: Sequence[int], seed: int, autocast: Any,
                 batch_size: int = 32, progress: bool = True) -> list[dict]:
     """The frozen model's own answers to training sentences ``indices`` of ``refer``, one random request template
@@ -533,15 +546,6 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
             history.append({"stage": 0, "step": 0, "elapsed_s": round(elapsed(), 1), "own_answers": len(own),
                             "own_asked": asked, "own_as_trained": round(1 - len(mismatched) / len(own), 4)})
 
-    def own_draw(rng: random.Random, count: int, share: float) -> list[dict]:
-        """``count`` pool answers; a share ``share`` of them from those whose words are wrong (0: as drawn)."""
-        share = share if mismatched else 0.0
-        picks = []
-        for _ in range(count):
-            source = mismatched if share and rng.random() < share else own
-            picks.append(source[rng.randrange(len(source))])
-        return picks
-
     total_s = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
     stage1_s = None if total_s is None else total_s * (1.0 - options.policy_time_share)
     last_metrics: dict = {}
@@ -587,7 +591,7 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
                 group["lr"] = lr
             rng = random.Random(cfg.seed * 1_000_003 + step)  # (seed, step) -> data: a resumed run sees the same
             if own:
-                drawn = [(train_set[e["index"]], e) for e in own_draw(rng, cfg.batch_size, options.own_mismatch_share)]
+                drawn = [(train_set[e["index"]], e) for e in draw_own(own, mismatched, cfg.batch_size, options.own_mismatch_share, rng)]
                 examples = [Example(sample.image_path, e["prompt"], e["answer"], sample.mask) for sample, e in drawn]
             else:
                 examples = [pool.draw(rng, 0.0, target_types) for _ in range(cfg.batch_size)]
@@ -620,7 +624,6 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
         save()  # the stage boundary: a resume starts stage 2
 
     # ---- stage 2: the learned invoker ----
-    policy_share = options.own_mismatch_share if options.policy_mismatch_share is None else options.policy_mismatch_share
     freeze_for(model, 2)
     model.eval()
     group_size = options.policy_group
@@ -629,7 +632,7 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
     while step < steps2 and not (total_s is not None and elapsed() >= total_s):
         rng = random.Random(cfg.seed * 1_000_003 + 7_919 * (step + 1))
         if own:  # after the frozen model's own words, as at inference
-            entries = own_draw(rng, options.policy_batch, policy_share)[rank::world]
+            entries = draw_own(own, mismatched, options.policy_batch, options.policy_share, rng)[rank::world]
             samples = [train_set[e["index"]] for e in entries]
             prompts, texts = [e["prompt"] for e in entries], [e["answer"] for e in entries]
         else:

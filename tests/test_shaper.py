@@ -892,6 +892,22 @@ def test_pick_sentences_weighs_types_as_training_draws():
         pick_sentences(by_type, 10, {"attribute": 0, "relational": 0}, random.Random(0))
 
 
+def test_own_answers_are_drawn_with_each_stages_share_of_misnamed_ones():
+    import random
+
+    from mmseg.modeling.heads.shaper import ShaperConfig
+    from mmseg.train_shaper import draw_own
+
+    pool = [{"index": i, "wrong": i < 10} for i in range(100)]
+    mismatched = [e for e in pool if e["wrong"]]
+    share = lambda s: sum(e["wrong"] for e in draw_own(pool, mismatched, 4000, s, random.Random(0))) / 4000  # noqa: E731
+    assert abs(share(0.0) - 0.1) < 0.02 and abs(share(0.5) - 0.55) < 0.03 and share(1.0) == 1.0
+    assert abs(sum(e["wrong"] for e in draw_own(pool, [], 4000, 1.0, random.Random(0))) / 4000 - 0.1) < 0.02
+    # stage 2 draws at its own share when one is given (the invoker learns at the rate decoding meets), else stage 1's
+    assert ShaperConfig(own_mismatch_share=0.5).policy_share == 0.5
+    assert ShaperConfig(own_mismatch_share=0.5, policy_mismatch_share=0.0).policy_share == 0.0
+
+
 @pytest.mark.slow
 def test_training_after_own_answers_needs_answers_with_a_mask_and_keeps_them(synthref_root, tokenizer_dir, tmp_path,
                                                                               capsys, monkeypatch):

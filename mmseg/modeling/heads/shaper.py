@@ -143,6 +143,12 @@ class ShaperConfig(HiMTokConfig):
     policy_time_share: float = 0.3  # share of --max-minutes / train.max_minutes given to stage 2
 
 
+    @property
+    def policy_share(self) -> float:
+        """The share of misnamed answers in stage 2's draws: ``policy_mismatch_share``, else ``own_mismatch_share``."""
+        return self.own_mismatch_share if self.policy_mismatch_share is None else self.policy_mismatch_share
+
+
 @dataclass
 class _RowState:
     """One row's bookkeeping during generation."""
