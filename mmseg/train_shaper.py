@@ -209,8 +209,11 @@ class ShapingObjective(nn.Module):
         trainable = [p for p in self.parameters() if p.requires_grad]
         if rows.numel() == 0:
             zero = sum(p.sum() for p in trainable) * 0.0
-            return {"shaped_ce": zero, "mask_bce": zero, "mask_dice": zero, "mask_prefix": zero, "loss": zero,
-                    "base_ce": zero.detach()}
+            out = {"shaped_ce": zero, "mask_bce": zero, "mask_dice": zero, "mask_prefix": zero, "loss": zero,
+                   "base_ce": zero.detach()}
+            if head.mismatch is not None:
+                out["mismatch_bce"] = zero
+            return out
         n, s = rows.numel(), start[rows]
         i = points.to(ids.device)[rows]
         pos = s + 1 + i  # sequence position of mask token i, the one whose input embedding is shifted
@@ -234,7 +237,14 @@ class ShapingObjective(nn.Module):
             text_valid = before & attention[rows].bool() & (row_ids != head.image_token_id)
             text = hidden[rows]
         memory, memory_valid = head.long_memory(image, span, span_valid, text, text_valid)
-        shift, steer = head.shift(model, recent, recent_valid, memory, memory_valid, p, i)  # the only grad paths
+        scale = probe_bce = None
+        if head.mismatch is not None:  # read at <mt_start>, as decoding reads it; the rounds scaled by it
+            if "words_wrong" not in batch:
+                raise ValueError("mismatch_probe trains against the frozen model's own answers: set head.own_answers")
+            logits = head.mismatch_logits(image, text, text_valid, hidden[rows, s], p)
+            probe_bce = F.binary_cross_entropy_with_logits(logits, batch["words_wrong"][rows].float())
+            scale = torch.sigmoid(logits).detach()  # the probe learns from its labels only, not from the shaped CE
+        shift, steer = head.shift(model, recent, recent_valid, memory, memory_valid, p, i, scale)  # the grad paths
         shaped = embeds.clone()
         shaped[rows, pos] = shaped[rows, pos] + shift.to(shaped.dtype)
         shaped_hidden = model.text_hidden(shaped, ids, attention, extra)
@@ -262,6 +272,8 @@ class ShapingObjective(nn.Module):
         w = cfg.mask_loss_weight
         out = {"shaped_ce": cfg.shaper_ce_weight * ce, "mask_bce": w * bce, "mask_dice": w * cfg.dice_weight * dice,
                "mask_prefix": w * cfg.prefix_weight * (terms.mean() if terms.numel() else bce * 0.0)}
+        if probe_bce is not None:
+            out["mismatch_bce"] = cfg.mismatch_weight * probe_bce
         out["loss"] = sum(out.values())
         out["base_ce"] = cfg.shaper_ce_weight * base_ce
         return out
@@ -447,6 +459,9 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
     _, options = head_config(preset.model.head)
     if not isinstance(options, ShaperConfig):
         raise ValueError(f"train_shaper needs a shaper head, got {preset.model.head.get('name')!r}")
+    if options.mismatch_probe and not options.own_answers:
+        raise ValueError("head.mismatch_probe learns when the frozen model's own words name another object: set "
+                         "head.own_answers (e.g. 3000) so that stage 1 trains after its own answers")
     cfg = replace(preset.train, **({"max_minutes": max_minutes} if max_minutes is not None else {}))
     steps1 = cfg.max_steps if max_steps is None else min(cfg.max_steps, max_steps)
     steps2 = options.policy_steps if max_steps is None else min(options.policy_steps, max_steps)
@@ -539,12 +554,13 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
             asked = len(picked)
         accelerator.wait_for_everyone()
         own = [json.loads(line) for line in own_path.read_text().splitlines()]
-        if asked or options.own_mismatch_share:  # each check reads a sample (and decodes its mask): only if used
+        if asked or options.own_mismatch_share or options.mismatch_probe:  # each check reads a sample: only if used
             mismatched = [e for e in own
                           if e["answer"] != training_answer(train_set, train_set[e["index"]], describe, reason)]
         if asked:  # made in this run: recorded once
             history.append({"stage": 0, "step": 0, "elapsed_s": round(elapsed(), 1), "own_answers": len(own),
                             "own_asked": asked, "own_as_trained": round(1 - len(mismatched) / len(own), 4)})
+    wrong_ids = {id(e) for e in mismatched}  # the pool entries whose words differ from the trained answer
 
     total_s = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
     stage1_s = None if total_s is None else total_s * (1.0 - options.policy_time_share)
@@ -590,14 +606,19 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
             for group in optimizer1.param_groups:
                 group["lr"] = lr
             rng = random.Random(cfg.seed * 1_000_003 + step)  # (seed, step) -> data: a resumed run sees the same
+            wrong = None
             if own:
                 drawn = [(train_set[e["index"]], e) for e in draw_own(own, mismatched, cfg.batch_size, options.own_mismatch_share, rng)]
                 examples = [Example(sample.image_path, e["prompt"], e["answer"], sample.mask) for sample, e in drawn]
+                wrong = torch.tensor([id(e) in wrong_ids for _, e in drawn])  # the mismatch probe's labels
             else:
                 examples = [pool.draw(rng, 0.0, target_types) for _ in range(cfg.batch_size)]
             points = torch.tensor([rng.choice(checkpoints) for _ in range(cfg.batch_size)])
             mine = slice(rank, None, world)
-            batch = {k: v.to(accelerator.device) for k, v in collate(examples[mine]).items()}
+            batch = collate(examples[mine])
+            if wrong is not None:
+                batch["words_wrong"] = wrong[mine]
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
                 losses = objective1(batch, points[mine])
             accelerator.backward(losses["loss"])

@@ -326,6 +326,8 @@ def test_bad_options_and_config_are_clear_errors(forced, tokenizer_dir):
         shaper_from_himtok(himtok, proc2, {"own_answers": 2.5})
     with pytest.raises(ValueError, match=r"own_mismatch_share must be in \[0, 1\]"):
         shaper_from_himtok(himtok, proc2, {"own_mismatch_share": 1.5})
+    with pytest.raises(ValueError, match="mismatch_probe reads the request and the answer's words"):
+        shaper_from_himtok(himtok, proc2, {"mismatch_probe": True})
     with pytest.raises(ValueError, match=r"policy_mismatch_share must be in \[0, 1\]"):
         shaper_from_himtok(himtok, proc2, {"policy_mismatch_share": -0.1})
     with pytest.raises(ValueError, match="starts from a himtok model"):
@@ -509,6 +511,52 @@ def test_an_untrained_shaper_leaves_its_zero_start_on_the_first_step(tokenizer_d
     assert control.mlp[-1].weight.grad.abs().sum() > 0 and control.mlp[-1].bias.grad.abs().sum() > 0
 
 
+def test_the_mismatch_probe_scales_the_rounds_in_decoding_and_training_alike(tokenizer_dir, monkeypatch):
+    """``mismatch_probe``: read once at ``<mt_start>`` from the long memory (image, request, the answer's words), its
+    probability scales every round and is reported in ``info``; stage 1 computes the same probability and shift from
+    the same states, trains the probe with BCE against ``words_wrong``, and a probe sure the words are right leaves
+    the mask exactly as never-invoke draws it."""
+    from mmseg.train_shaper import ShapingObjective, freeze_for
+
+    himtok, proc = _model(tokenizer_dir, seed=2)
+    shaper = shaper_from_himtok(himtok, proc, {"memory_text": True, "mismatch_probe": True, "steer_codes": True}).eval()
+    _wake(shaper)
+    head = shaper.head
+    with torch.no_grad():  # an untrained probe says 0.5 everywhere; give it an opinion
+        head.mismatch.body[-1].weight.normal_(0.0, 0.5)
+    words = proc.encode_model_text("the red circle")[:2]
+    monkeypatch.setattr(head, "constrain", _words_then_mask(head, proc, words))
+    probes = []
+    mismatch_logits = head.mismatch_logits
+    monkeypatch.setattr(head, "mismatch_logits", lambda *a: probes.append(mismatch_logits(*a)) or probes[-1])
+    gen, shifts, batch = _shaped_rollout(shaper, proc, QUERIES[1], monkeypatch)
+    info = gen.masks[0][0].info
+    wrong = float(torch.sigmoid(probes[0][0]))
+    assert len(probes) == 1 and info["words_wrong"] == pytest.approx(wrong, abs=1e-4) and 0.05 < wrong < 0.95
+    assert shaper.head.policy.mlp[0].in_features == 5  # the probability is an invoker input
+    batch["words_wrong"] = torch.tensor([True])
+    freeze_for(shaper, 1)
+    try:
+        losses = ShapingObjective(shaper)(batch, torch.tensor([3]))
+        torch.testing.assert_close(probes[-1], probes[0], atol=1e-4, rtol=1e-3)  # the same read at <mt_start>
+        torch.testing.assert_close(shifts[-1], shifts[0], atol=1e-4, rtol=1e-3)  # the same scaled shift
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(probes[-1], torch.ones(1))
+        torch.testing.assert_close(losses["mismatch_bce"], expected)
+        shaper.zero_grad()
+        losses["mismatch_bce"].backward()
+        assert head.mismatch.body[-1].weight.grad.abs().sum() > 0 and head.condense_long.queries.grad.abs().sum() > 0
+        assert head.control.mlp[-1].weight.grad is None  # the shift's parts learn from the shaped CE only
+    finally:
+        shaper.zero_grad()
+        shaper.requires_grad_(True)
+    with torch.no_grad():  # sure the words are right: every round scaled to nothing
+        head.mismatch.body[-1].bias.fill_(-60.0)
+    always = _generate(shaper, proc, QUERIES[:1], invoke="always")
+    never = _generate(shaper, proc, QUERIES[:1], invoke="never")
+    assert always.masks[0][0].info["invocations"] == 4 and always.masks[0][0].info["words_wrong"] < 1e-20
+    assert always.tokens == never.tokens and torch.equal(always.masks[0][0].logits, never.masks[0][0].logits)
+
+
 def test_steer_start_shapes_at_mt_start_in_decoding_and_training_alike(forced, monkeypatch):
     """``steer_start`` adds a checkpoint at ``<mt_start>`` (index -1): decoding shapes there first, and the stage-1
     objective at point -1 computes the same shift from the same states and trains every code after it."""
@@ -656,7 +704,7 @@ def test_the_benchmark_refuses_anything_but_a_trained_shaper(tmp_path, synthref_
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case", ["unset", "missing", "stamp", "backbone", "setting"])
+@pytest.mark.parametrize("case", ["unset", "missing", "stamp", "backbone", "setting", "probe"])
 def test_training_init_errors_are_clear(case, tmp_path, tokenizer_dir, synthref_root, capsys):
     from mmseg.cli import main
 
@@ -664,8 +712,9 @@ def test_training_init_errors_are_clear(case, tmp_path, tokenizer_dir, synthref_
         model, proc = tiny_model()
         Segmenter(model, proc).save_pretrained(tmp_path / "stamp")
     init = {"unset": None, "missing": str(tmp_path / "nowhere"), "stamp": str(tmp_path / "stamp"),
-            "backbone": str(tmp_path / "nowhere"), "setting": str(tmp_path / "nowhere")}[case]
-    preset = _preset(tmp_path, init)
+            "backbone": str(tmp_path / "nowhere"), "setting": str(tmp_path / "nowhere"),
+            "probe": str(tmp_path / "nowhere")}[case]
+    preset = _preset(tmp_path, init, **({"memory_text": True, "mismatch_probe": True} if case == "probe" else {}))
     if case == "backbone":
         data = json.loads(preset.read_text())
         data["model"]["lm"] = {"hidden_size": 64}
@@ -680,7 +729,8 @@ def test_training_init_errors_are_clear(case, tmp_path, tokenizer_dir, synthref_
     expected = {"unset": 'set "init_from"', "missing": "no HiMTok checkpoint at",
                 "stamp": "is a 'stamp' model, not a HiMTok one",
                 "backbone": "takes its backbone and tokenizer from head.init_from",
-                "setting": "remove model.image_attention from the preset"}[case]
+                "setting": "remove model.image_attention from the preset",
+                "probe": "set head.own_answers"}[case]
     assert expected in err
     if case in ("unset", "missing"):  # the message says how to get a HiMTok checkpoint
         assert "mmseg train --config tiny-himtok" in err
@@ -916,7 +966,8 @@ def test_training_after_own_answers_needs_answers_with_a_mask_and_keeps_them(syn
     from mmseg.train_shaper import OWN_ANSWERS_FILE
 
     ckpt = _himtok_checkpoint(tokenizer_dir, tmp_path / "himtok")
-    preset = _preset(tmp_path, str(ckpt), own_answers=3, own_mismatch_share=0.5)
+    preset = _preset(tmp_path, str(ckpt), own_answers=3, own_mismatch_share=0.5, memory_text=True,
+                     mismatch_probe=True)
     out = tmp_path / "shaper"
     args = ["train", "--config", str(preset), "--data", str(synthref_root), "--out", str(out), "--max-steps", "1"]
     # the untrained checkpoint refuses every request: a clear error, and no pool file that a rerun would trust
@@ -941,3 +992,4 @@ def test_training_after_own_answers_needs_answers_with_a_mask_and_keeps_them(syn
     one = [h for h in history if h["stage"] == 1 and "loss" in h]
     two = [h for h in history if h["stage"] == 2 and "reward" in h]
     assert one and np.isfinite(one[0]["shaped_ce"]) and two and two[0]["decisions"] > 0
+    assert all(np.isfinite(h["mismatch_bce"]) for h in one)  # the probe trained against the pool's labels

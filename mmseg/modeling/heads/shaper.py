@@ -17,10 +17,13 @@ run (:mod:`mmseg.modeling.shaper.invoker`). One round, in :meth:`ShaperHead.afte
    cache length is unchanged), so the next code and everything after it see the shaped token;
 6. with ``steer_codes``, the translator's output also gives terms for the code logits of the mask tokens after the
    shaped one (:class:`~mmseg.modeling.shaper.code_steer.CodeSteer`), the lever on the share of the code logits
-   that HiMTok's readouts read from the prompt, where no input shift reaches.
+   that HiMTok's readouts read from the prompt, where no input shift reaches;
+7. with ``mismatch_probe``, the shift and the terms are scaled by the probability, read once at ``<mt_start>``, that
+   the answer's words name another object than the request (:class:`~mmseg.modeling.shaper.mismatch.MismatchProbe`).
 
 Each answer's :class:`MaskPrediction` ``info`` reports ``invoke`` (the mode), ``invocations`` (rounds run) and
-``invoked_at`` (the mask-token index of every round). Per-call options: ``keep_tokens``, ``invoke`` (one of
+``invoked_at`` (the mask-token index of every round), and with ``mismatch_probe`` ``words_wrong`` (the probe's
+probability that the answer's words name another object than the request). Per-call options: ``keep_tokens``, ``invoke`` (one of
 :data:`~mmseg.modeling.shaper.invoker.INVOKE_MODES`) and ``sample_seed`` (sample the learned policy's decisions
 instead of thresholding them; the decisions then come back in ``info["policy_trace"]``, which stage-2 training
 reads).
@@ -46,6 +49,7 @@ from mmseg.modeling.heads.himtok import HiMTokConfig, HiMTokHead
 from mmseg.modeling.shaper.code_steer import CodeSteer
 from mmseg.modeling.shaper.condenser import Condenser
 from mmseg.modeling.shaper.control import ControlShaper
+from mmseg.modeling.shaper.mismatch import MismatchProbe
 from mmseg.modeling.shaper.invoker import (
     INVOKE_MODES,
     NUM_FEATURES,
@@ -111,6 +115,12 @@ class ShaperConfig(HiMTokConfig):
     # request only pooled into ``p`` (synthref-himtok, session 29: even an oracle invoker that shapes exactly where
     # the words are wrong gains +0.006 testB cIoU with the image-and-span memory).
     memory_text: bool = False
+    # A probe on the long memory at <mt_start> (needs memory_text: it reads the request and the answer's words) says
+    # how likely the words name another object than the request; every shaping round of that mask is scaled by it,
+    # and it is an input of the learned invoker. Trained in stage 1 with BCE (weight ``mismatch_weight``) against the
+    # frozen model's own answers (needs own_answers). See mmseg.modeling.shaper.mismatch for why.
+    mismatch_probe: bool = False
+    mismatch_weight: float = 1.0
     think_prompt: str = "Think again about the object and the mask so far."
     # stage 1 (teacher-forced); steps, batch and learning rate come from the preset's "train"
     shaper_ce_weight: float = 1.0  # CE on the mask tokens after the injection (the HiMTok mask loss is added)
@@ -159,6 +169,8 @@ class _RowState:
     span_context: list[torch.Tensor] = field(default_factory=list)  # memory_text: ``context`` before the open span
     min_log_prob: float = 0.0  # policy_confidence: the lowest log-probability of a text token chosen so far
     span_log_prob: float = 0.0  # policy_confidence: ``min_log_prob`` when the open span began
+    wrong: float = 1.0  # mismatch_probe: the probe's probability for the open span (the rounds' scale)
+    wrongs: list[float] = field(default_factory=list)  # mismatch_probe: per span
     span: list[torch.Tensor] | None = None  # hidden states of the open span: <mt_start>, then each code
     cos: list[float] = field(default_factory=list)  # cos(m, p) at each checkpoint of the open span
     invoked: list[list[int]] = field(default_factory=list)  # per span: mask-token index of each round
@@ -206,6 +218,9 @@ class ShaperHead(HiMTokHead):
                 raise ValueError(f"shaper head: {key} must be in [0, 1], got {share}")
         if config.own_answers < 0:
             raise ValueError(f"shaper head: own_answers must be >= 0, got {config.own_answers}")
+        if config.mismatch_probe and not config.memory_text:
+            raise ValueError("shaper head: mismatch_probe reads the request and the answer's words in the long memory; "
+                             "set memory_text to true as well")
         super().__init__(config, hidden_size=hidden_size, image_size=image_size, grid_size=grid_size, asset_dir=asset_dir,
                          prefix_grid=prefix_grid)
         self.condense_short = Condenser(hidden_size, config.short_queries, config.condenser_heads)
@@ -214,7 +229,9 @@ class ShaperHead(HiMTokHead):
         self.control = ControlShaper(hidden_size, config.num_controls)
         self.code_steer = CodeSteer(hidden_size, self.num_tokens, self.mask_tokenizer.config.code_dim) \
             if config.steer_codes else None
-        self.policy = PolicyInvoker(config.policy_hidden, NUM_FEATURES + int(config.policy_confidence))
+        self.mismatch = MismatchProbe(hidden_size) if config.mismatch_probe else None
+        self.policy = PolicyInvoker(config.policy_hidden,
+                                    NUM_FEATURES + int(config.policy_confidence) + int(config.mismatch_probe))
 
     @classmethod
     def trainer(cls) -> Callable[..., dict]:
@@ -234,6 +251,8 @@ class ShaperHead(HiMTokHead):
                  "translator": self.translator, "control": self.control}
         if self.code_steer is not None:
             parts["code_steer"] = self.code_steer
+        if self.mismatch is not None:
+            parts["mismatch"] = self.mismatch
         return parts
 
     @property
@@ -248,15 +267,16 @@ class ShaperHead(HiMTokHead):
 
     # -- the shaping computation, shared by inference and training ------------------------------------
     def shift(self, model: "MMSegModel", recent: torch.Tensor, recent_valid: torch.Tensor, memory_states: torch.Tensor,
-              memory_valid: torch.Tensor, prompt: torch.Tensor,
-              after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+              memory_valid: torch.Tensor, prompt: torch.Tensor, after: torch.Tensor,
+              scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One shaping round for N rows -> ``(shift (N, D), code terms (N, K, V) float)``: the input-embedding
         shift, and the terms for the code logits after the shaped token (None without ``steer_codes``, see
         :class:`CodeSteer`).
 
         ``recent (N, R, D)`` + ``recent_valid (N, R)``: the ring buffer; ``memory_states (N, M, D)`` +
         ``memory_valid (N, M)``: what :meth:`long_memory` gathers; ``prompt (N, D)``: the pooled prompt ``p``;
-        ``after (N,)``: the mask-token index of the shaped token (-1 for ``<mt_start>``).
+        ``after (N,)``: the mask-token index of the shaped token (-1 for ``<mt_start>``); ``scale (N,)``: a factor
+        on both outputs (``mismatch_probe``: the probability that the words are wrong).
         """
         m = self.condense_short.pooled(recent, recent_valid)
         memory = self.condense_long(memory_states, memory_valid)
@@ -264,9 +284,20 @@ class ShaperHead(HiMTokHead):
         z = latent_thought(model.decoder, think, memory)
         c = self.translator(z, m, prompt)
         shift = self.control(c)
-        if self.code_steer is None:
-            return shift, None
-        return shift, self.code_steer(c, self._codebook(torch.float32), after)
+        steer = None if self.code_steer is None else self.code_steer(c, self._codebook(torch.float32), after)
+        if scale is not None:
+            shift = shift * scale.to(shift.dtype)[:, None]
+            steer = None if steer is None else steer * scale.float()[:, None, None]
+        return shift, steer
+
+    def mismatch_logits(self, image: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor, start: torch.Tensor,
+                        prompt: torch.Tensor) -> torch.Tensor:
+        """The mismatch probe's logits ``(N,)`` from the long memory at ``<mt_start>``: ``image (N, P, D)``, ``text
+        (N, L, D)`` + ``text_valid (N, L)`` (the text positions before the span), ``start (N, D)`` (the
+        ``<mt_start>`` state) and the pooled prompt ``prompt (N, D)``."""
+        span_valid = torch.ones(start.shape[0], 1, dtype=torch.bool, device=start.device)
+        memory, valid = self.long_memory(image, start[:, None], span_valid, text, text_valid)
+        return self.mismatch(self.condense_long(memory, valid), prompt)
 
     def long_memory(self, image: torch.Tensor, span: torch.Tensor, span_valid: torch.Tensor,
                     text: torch.Tensor | None = None,
@@ -352,6 +383,7 @@ class ShaperHead(HiMTokHead):
         state = self._session_state(session)
         rows: list[_RowState] = state["rows"]
         candidates: list[int] = []  # rows at a checkpoint with invocations left
+        opened: list[int] = []  # rows that fed <mt_start> this step
         checkpoints = set(self.checkpoints())
         if self.config.policy_confidence and self.invoke_mode(session.options) == "learned":
             self._track_confidence(session, rows)
@@ -369,6 +401,7 @@ class ShaperHead(HiMTokHead):
                 row.context.append(h)
             if token == self.mt_start_id:
                 row.span, row.cos, row.span_log_prob = [h], [], row.min_log_prob
+                opened.append(r)
                 row.invoked.append([])
                 row.trace.append([])
                 if -1 in checkpoints:  # steer_start: <mt_start> itself is a checkpoint
@@ -379,6 +412,14 @@ class ShaperHead(HiMTokHead):
                     candidates.append(r)
             else:
                 row.span = None
+        if self.mismatch is not None and opened:  # the probe reads each mask's memory once, at its <mt_start>
+            index = torch.tensor(opened, device=hidden.device)
+            text, text_valid = pad_states([rows[r].span_context for r in opened])
+            logits = self.mismatch_logits(state["image"][index], text, text_valid, hidden[index, -1],
+                                          state["prompt"][index])
+            for r, p in zip(opened, torch.sigmoid(logits).tolist()):
+                rows[r].wrong = p
+                rows[r].wrongs.append(p)
         if not candidates:
             return hidden
         rounds = self._rounds(session, state, candidates, hidden)
@@ -394,8 +435,11 @@ class ShaperHead(HiMTokHead):
                 text, text_valid = pad_states([rows[r].span_context for r in active])
             memory, memory_valid = self.long_memory(state["image"][index], span, span_valid, text, text_valid)
             after = torch.tensor([len(rows[r].span) - 2 for r in active], device=hidden.device)
+            scale = None
+            if self.mismatch is not None:
+                scale = torch.tensor([rows[r].wrong for r in active], device=hidden.device)
             shift, steer = self.shift(session.model, recent, recent_valid, memory, memory_valid, state["prompt"][index],
-                                      after)
+                                      after, scale)
             if steer is not None:  # read by constrain (session_readout)
                 if "steer" not in state:
                     state["steer"] = torch.zeros(session.batch_size, self.num_tokens, self.codebook_size,
@@ -473,7 +517,9 @@ class ShaperHead(HiMTokHead):
         for i, r in enumerate(candidates):
             rows[r].cos.append(float(cos[i]))
             confidence = rows[r].span_log_prob if self.config.policy_confidence else None
-            features.append(invoker_features(rows[r].cos, float(entropy[i]), self.config.policy_window, confidence))
+            wrong = rows[r].wrong if self.mismatch is not None else None
+            features.append(invoker_features(rows[r].cos, float(entropy[i]), self.config.policy_window, confidence,
+                                             wrong))
         features_t = torch.stack(features).to(hidden.device)
         decisions = self.policy.decide(features_t, state["generator"]).tolist()
         if state["generator"] is not None:
@@ -491,6 +537,8 @@ class ShaperHead(HiMTokHead):
             for j, prediction in enumerate(predictions):
                 invoked = row.invoked[j] if row is not None and j < len(row.invoked) else []
                 prediction.info.update({"invoke": mode, "invocations": len(invoked), "invoked_at": list(invoked)})
+                if row is not None and j < len(row.wrongs):  # mismatch_probe: how likely the words name another object
+                    prediction.info["words_wrong"] = round(row.wrongs[j], 4)
                 if state is not None and state["generator"] is not None:
                     prediction.info["policy_trace"] = list(row.trace[j]) if j < len(row.trace) else []
         return results

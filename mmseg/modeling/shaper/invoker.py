@@ -65,11 +65,12 @@ def confidence_feature(min_log_prob: float) -> float:
 
 
 def invoker_features(cos_history: Sequence[float], entropy: float, window: int,
-                     confidence: float | None = None) -> torch.Tensor:
+                     confidence: float | None = None, wrong: float | None = None) -> torch.Tensor:
     """The policy's input ``(4,)`` from this mask's ``cos(m, p)`` at each checkpoint so far (current last) and the
     current normalised entropy: ``[cos, cos - previous cos (0 at the first), variance over the last window, H]``;
-    ``(5,)`` with the answer's lowest chosen-token log-probability ``confidence`` (see :func:`confidence_feature`)
-    appended."""
+    then, when given, the answer's lowest chosen-token log-probability ``confidence`` (see
+    :func:`confidence_feature`) and the mismatch probe's probability ``wrong`` that the words name another object
+    (see :mod:`mmseg.modeling.shaper.mismatch`)."""
     current = cos_history[-1]
     delta = current - cos_history[-2] if len(cos_history) > 1 else 0.0
     recent = torch.tensor(list(cos_history[-window:]), dtype=torch.float32)
@@ -77,11 +78,13 @@ def invoker_features(cos_history: Sequence[float], entropy: float, window: int,
     values = [current, delta, variance, entropy]
     if confidence is not None:
         values.append(confidence_feature(confidence))
+    if wrong is not None:
+        values.append(wrong)
     return torch.tensor(values, dtype=torch.float32)
 
 
 class PolicyInvoker(nn.Module):
-    """Bernoulli policy ``features (N, F) -> logits (N,)`` of invoking (``F`` = ``num_features``, 4 or 5). The last
+    """Bernoulli policy ``features (N, F) -> logits (N,)`` of invoking (``F`` = ``num_features``, 4 to 6). The last
     layer starts at zero, so an untrained policy invokes with probability 0.5 everywhere (maximal exploration for
     stage 2)."""
 
