@@ -608,7 +608,8 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
             rng = random.Random(cfg.seed * 1_000_003 + step)  # (seed, step) -> data: a resumed run sees the same
             wrong = None
             if own:
-                drawn = [(train_set[e["index"]], e) for e in draw_own(own, mismatched, cfg.batch_size, options.own_mismatch_share, rng)]
+                entries = draw_own(own, mismatched, cfg.batch_size, options.own_mismatch_share, rng)
+                drawn = [(train_set[e["index"]], e) for e in entries]
                 examples = [Example(sample.image_path, e["prompt"], e["answer"], sample.mask) for sample, e in drawn]
                 wrong = torch.tensor([id(e) in wrong_ids for _, e in drawn])  # the mismatch probe's labels
             else:

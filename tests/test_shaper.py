@@ -198,7 +198,10 @@ def test_invoker_features():
     torch.testing.assert_close(f, torch.tensor([0.4, -0.1, 0.0025, 0.9]))
     torch.testing.assert_close(invoker_features([0.3], 0.1, 4), torch.tensor([0.3, 0.0, 0.0, 0.1]))
     # the answer's confidence, scaled into [-1, 0] and clipped at a log-probability of -10
-    torch.testing.assert_close(invoker_features([0.3], 0.1, 4, confidence=-2.0), torch.tensor([0.3, 0.0, 0.0, 0.1, -0.2]))
+    torch.testing.assert_close(invoker_features([0.3], 0.1, 4, confidence=-2.0),
+                               torch.tensor([0.3, 0.0, 0.0, 0.1, -0.2]))
+    torch.testing.assert_close(invoker_features([0.3], 0.1, 4, confidence=-2.0, wrong=0.7),
+                               torch.tensor([0.3, 0.0, 0.0, 0.1, -0.2, 0.7]))
     assert float(invoker_features([0.3], 0.1, 4, confidence=-25.0)[-1]) == -1.0
 
 

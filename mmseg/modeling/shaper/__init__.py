@@ -31,7 +31,8 @@ from mmseg.modeling.shaper.thought import latent_thought
 from mmseg.modeling.shaper.translator import Translator
 
 __all__ = [
-    "INVOKE_MODES", "CodeSteer", "Condenser", "ControlShaper", "MismatchProbe", "PolicyInvoker", "Translator", "check_invoke_mode", "entropy_rounds",
+    "INVOKE_MODES", "CodeSteer", "Condenser", "ControlShaper", "MismatchProbe", "PolicyInvoker", "Translator",
+    "check_invoke_mode", "entropy_rounds",
     "group_advantages",
     "invoker_features", "latent_thought", "normalised_entropy", "reinforce_loss",
 ]
