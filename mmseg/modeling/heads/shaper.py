@@ -166,7 +166,7 @@ class _RowState:
     seen: int = 0  # len(session.tokens[row]) at the previous after_step: tells whether this step fed a token
     recent: deque = field(default_factory=deque)  # ring buffer of (D,) hidden states
     context: list[torch.Tensor] = field(default_factory=list)  # memory_text: text states fed so far (prompt first)
-    span_context: list[torch.Tensor] = field(default_factory=list)  # memory_text: ``context`` before the open span
+    span_context: torch.Tensor | None = None  # memory_text: ``context`` before the open span, stacked ``(L, D)``
     min_log_prob: float = 0.0  # policy_confidence: the lowest log-probability of a text token chosen so far
     span_log_prob: float = 0.0  # policy_confidence: ``min_log_prob`` when the open span began
     wrong: float = 1.0  # mismatch_probe: the probe's probability for the open span (the rounds' scale)
@@ -177,14 +177,15 @@ class _RowState:
     trace: list[list[dict]] = field(default_factory=list)  # per span: sampled policy decisions
 
 
-def pad_states(states: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged lists of ``(D,)`` states -> ``(B, N, D)`` zero-padded and ``(B, N)`` bool validity."""
+def pad_states(states: Sequence[Sequence[torch.Tensor] | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged rows of ``(D,)`` states (lists, or tensors ``(N_i, D)`` already stacked) -> ``(B, N, D)`` zero-padded
+    and ``(B, N)`` bool validity."""
     n = max(len(s) for s in states)
     first = states[0][0]
     out = first.new_zeros(len(states), n, first.shape[-1])
     valid = torch.zeros(len(states), n, dtype=torch.bool, device=first.device)
     for i, row in enumerate(states):
-        out[i, : len(row)] = torch.stack(list(row))
+        out[i, : len(row)] = row if torch.is_tensor(row) else torch.stack(list(row))
         valid[i, : len(row)] = True
     return out, valid
 
@@ -360,11 +361,11 @@ class ShaperHead(HiMTokHead):
         t = session.prompt_ids.shape[1]
         valid = session.cache_valid[:, :t]
         prompt, image = self.prompt_summary(session.prompt_ids, session.prompt_hidden, valid)
-        text = valid & (session.prompt_ids != self.image_token_id)
+        text = valid & (session.prompt_ids != self.image_token_id) if self.config.memory_text else None
         rows = []
         for row in range(session.batch_size):
             states = session.prompt_hidden[row][valid[row]]
-            context = list(session.prompt_hidden[row][text[row]]) if self.config.memory_text else []
+            context = list(session.prompt_hidden[row][text[row]]) if text is not None else []
             rows.append(_RowState(recent=deque(states[-self.config.buffer_size:], maxlen=self.config.buffer_size),
                                   context=context))
         seed = session.options.get("sample_seed")
@@ -396,8 +397,8 @@ class ShaperHead(HiMTokHead):
             row.recent.append(h)
             token = tokens[-1]
             if self.config.memory_text:  # every fed token, as in a teacher-forced pass: positions before the span
-                if token == self.mt_start_id:
-                    row.span_context = list(row.context)
+                if token == self.mt_start_id:  # stacked once per mask: every round of it reads the same context
+                    row.span_context = torch.stack(row.context)
                 row.context.append(h)
             if token == self.mt_start_id:
                 row.span, row.cos, row.span_log_prob = [h], [], row.min_log_prob
