@@ -15,6 +15,10 @@ picks one of those three behaviours per sentence), and if it shaped (always, or 
 words before the mask differ from the target's description; an oracle no invoker sees). They tell whether a
 better invoker could win anything, or the shaping rounds themselves would have to change.
 
+With a ``mismatch_probe`` the probe's own figures follow (no oracle: rules an invoker could follow): its AUROC for
+telling misnamed answers from named ones (sentences with a target whose answer opened a mask), and the cIoU of
+shaping (always) only the masks whose probe probability exceeds 0.5 / 0.9.
+
 Results are written only for a TRAINED shaper (a folder ``mmseg train --config tiny-shaper`` finished, with its
 ``train_summary.json``); anything else is a clear error, so no placeholder numbers reach the results folder.
 """
@@ -125,6 +129,37 @@ def ceilings(stats: dict[str, np.ndarray], misnamed: np.ndarray) -> dict[str, fl
             "entropy_where_misnamed": ciou(where_wrong["entropy"]), "misnamed": int(misnamed.sum())}
 
 
+PROBE_GATES = (0.5, 0.9)
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``scores (N,)`` for ``positive (N,)`` bool (the Mann-Whitney statistic, ties
+    counting half); None without both classes."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    greater = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def probe_figures(stats: dict[str, np.ndarray], misnamed: np.ndarray, described: np.ndarray,
+                  wrong: np.ndarray) -> dict[str, float | None]:
+    """The mismatch probe's figures from per-sentence ``[intersection, union]`` counts ``(N, 2)`` of never and always,
+    ``misnamed (N,)`` and ``described (N,)`` bool (the sentence has a target description) and ``wrong (N,)``, the
+    probe's probability for the sentence's first mask in the always run (NaN where no mask opened).
+
+    ``probe_auroc``: how well the probe ranks misnamed answers above named ones; ``always_where_probe_T``: cIoU when
+    exactly the masks with probability > T are shaped (never elsewhere), with ``shaped_where_probe_T`` of them."""
+    scored = described & np.isfinite(wrong)
+    out: dict[str, float | None] = {"probe_auroc": auroc(wrong[scored], misnamed[scored])}
+    for gate in PROBE_GATES:
+        chosen = np.where((np.nan_to_num(wrong, nan=0.0) > gate)[:, None], stats["always"], stats["never"])
+        union = chosen[:, 1].sum()
+        out[f"always_where_probe_{gate}"] = float(chosen[:, 0].sum() / union) if union > 0 else 1.0
+        out[f"shaped_where_probe_{gate}"] = int((np.nan_to_num(wrong, nan=0.0) > gate).sum())
+    return out
+
+
 @torch.no_grad()  # scoped: importing and calling main() leaves autograd as it was
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -171,11 +206,17 @@ def main(argv: list[str] | None = None) -> dict:
             if name == "himtok":
                 # the words are the same in every mode (shaping only moves mask tokens); "named" as evaluate_refer
                 misnamed = np.array([misnames(a, s) for s, a in zip(samples, answers)], dtype=bool)
+                described = np.array([target_description(s) is not None for s in samples], dtype=bool)
             if options.get("invoke") in ("never", "always", "entropy"):
                 stats[options["invoke"]] = np.array(
                     [mask_iou_stats(predicted_mask(a, s.mask.shape), s.mask) for s, a in zip(samples, answers)],
                     dtype=np.float64).reshape(-1, 2)
+            if options.get("invoke") == "always":
+                wrong = np.array([a.info[0].get("words_wrong", np.nan) if a.info else np.nan for a in answers],
+                                 dtype=np.float64)
         results["ceilings"][split] = ceilings(stats, misnamed)
+        if shaper.model.head.options().get("mismatch_probe"):
+            results["ceilings"][split].update(probe_figures(stats, misnamed, described, wrong))
 
     header = "".join(f"{s + ' cIoU':>12}{s + ' gIoU':>12}" for s in SPLITS)
     print(f"{'run':<18}{header}{'calls/mask':>12}{'ms/query':>10}")
@@ -193,6 +234,14 @@ def main(argv: list[str] | None = None) -> dict:
                        ("entropy_where_misnamed", "entropy where the words are wrong")):
         print(f"{label:<40}" + "".join(f"{results['ceilings'][s][key]:>12.4f}" for s in SPLITS))
     print("sentences whose words are wrong: " + ", ".join(f"{s} {results['ceilings'][s]['misnamed']}" for s in SPLITS))
+    if "probe_auroc" in results["ceilings"][SPLITS[0]]:
+        cell = lambda v: f"{v:>12.4f}" if v is not None else f"{'-':>12}"  # noqa: E731
+        print(f"{'mismatch probe AUROC (misnamed)':<40}" + "".join(cell(results["ceilings"][s]["probe_auroc"])
+                                                               for s in SPLITS))
+        for gate in PROBE_GATES:
+            print(f"{f'always where the probe says > {gate}':<40}"
+                  + "".join(cell(results["ceilings"][s][f"always_where_probe_{gate}"]) for s in SPLITS)
+                  + "   shaped " + ", ".join(str(results["ceilings"][s][f"shaped_where_probe_{gate}"]) for s in SPLITS))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"-> {args.json}")

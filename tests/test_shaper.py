@@ -691,6 +691,22 @@ def test_the_benchmarks_invoker_ceilings():
     assert out["best_per_sentence"] == pytest.approx(790 / 1100) and 790 / 1100 > 750 / 1055
 
 
+def test_the_benchmarks_mismatch_probe_figures():
+    bench = _benchmark()
+    # four sentences: two misnamed (the probe says 0.95 and 0.6), one named (0.7), one without a target (no mask)
+    never = np.array([[0, 100], [10, 100], [90, 100], [0, 0]], dtype=float)
+    always = np.array([[80, 100], [20, 100], [40, 100], [0, 0]], dtype=float)
+    misnamed = np.array([True, True, False, False])
+    described = np.array([True, True, True, False])
+    wrong = np.array([0.95, 0.6, 0.7, np.nan])
+    out = bench.probe_figures({"never": never, "always": always}, misnamed, described, wrong)
+    assert out["probe_auroc"] == pytest.approx(0.5)  # 0.95 ranks above the named 0.7, 0.6 below it
+    assert out["always_where_probe_0.5"] == pytest.approx((80 + 20 + 40) / 300)
+    assert out["always_where_probe_0.9"] == pytest.approx((80 + 10 + 90) / 300) and out["shaped_where_probe_0.9"] == 1
+    assert bench.auroc(np.array([0.9, 0.8, 0.1]), np.array([True, True, False])) == pytest.approx(1.0)
+    assert bench.auroc(np.array([0.9, 0.8]), np.array([True, True])) is None  # one class only
+
+
 def test_the_benchmark_refuses_anything_but_a_trained_shaper(tmp_path, synthref_root, tokenizer_dir, capsys):
     bench = _benchmark()
     out = tmp_path / "shaper.json"
