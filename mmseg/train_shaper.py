@@ -667,6 +667,9 @@ def train_shaper(preset: Preset, data_dir: str | Path, out_dir: str | Path, max_
         answers, baseline = rollouts(model, processor, samples, prompts, group_size, seed, texts)
         features, actions, advantages, stats = policy_batch(answers, baseline, [s.mask for s in samples],
                                                             options.invoke_cost, accelerator.device)
+        # policy_normalize: this step's decisions join the running input statistics (each process its own; DDP
+        # broadcasts rank 0's buffers with the forward, so every process decides alike)
+        head.policy.observe(features)
         loss = objective2(features, actions, advantages, per_process * group_size)
         accelerator.backward(loss)
         if cfg.grad_clip:

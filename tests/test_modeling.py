@@ -110,6 +110,22 @@ def test_weights_of_another_model_are_refused(tmp_path):
         load_pretrained(tmp_path)
 
 
+def test_weights_missing_or_extra_tensors_are_named(tmp_path):
+    """A weights file with a tensor too few or too many says which (it used to fail on slicing a set)."""
+    from safetensors.torch import load_file, save_file
+
+    model, proc = tiny_model()
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = sorted(weights)[0]
+    extra = {**{k: v for k, v in weights.items() if k != dropped}, "head.not_a_part": torch.zeros(2)}
+    save_file(extra, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"1 missing \(e.g. \['{dropped}'\]\), 1 unexpected "
+                                              r"\(e.g. \['head.not_a_part'\]\)"):
+        load_pretrained(tmp_path)
+
+
 def test_bf16_checkpoint_reloads_close_to_fp32(tmp_path):
     model, proc = tiny_model()
     model.save_pretrained(tmp_path, dtype=torch.bfloat16)

@@ -251,6 +251,28 @@ def test_one_policy_gradient_step_favours_the_rewarded_action():
         assert (after - before) * direction > 1e-3, (rewarded, before, after)
 
 
+def test_policy_input_normalisation_is_exact_saved_and_off_by_default():
+    torch.manual_seed(0)
+    features = torch.randn(50, 6) * torch.tensor([0.03, 0.016, 3e-4, 0.18, 0.02, 0.36]) + 0.5
+    plain = PolicyInvoker(hidden=8, num_features=6)
+    assert not any("feature" in k for k in plain.state_dict())  # checkpoints before the option load unchanged
+    policy = PolicyInvoker(hidden=8, num_features=6, normalize=True)
+    policy.mlp.load_state_dict(plain.mlp.state_dict())
+    assert torch.equal(policy(features), plain(features))  # identity until stage 2 observes decisions
+    for chunk in (features[:1], features[1:20], features[20:]):  # batches of any size merge exactly
+        policy.observe(chunk)
+    x = features.double()
+    assert torch.allclose(policy.feature_mean, x.mean(0)) and float(policy.feature_count) == 50
+    standardised = policy.standardized(features)
+    assert torch.allclose(standardised.double(), (x - x.mean(0)) / x.std(0), atol=1e-5)
+    assert torch.allclose(standardised.std(0), torch.ones(6), atol=1e-4)  # every feature on one scale
+    plain.observe(features)  # a no-op without the option
+    assert torch.equal(plain(features), policy.mlp(features).squeeze(-1))
+    reloaded = PolicyInvoker(hidden=8, num_features=6, normalize=True)
+    reloaded.load_state_dict(policy.state_dict())  # the statistics travel with the weights
+    assert torch.equal(reloaded(features), policy(features))
+
+
 def test_policy_rollouts_force_the_answer_up_to_the_mask(pair, synthref_root):
     """Stage 2 trains the mask-token decoding: the answer text is forced up to <mt_start> (generate's
     answer_prefix), so even an untrained model opens a mask and the sampled policy decides at its checkpoints."""

@@ -95,6 +95,9 @@ class ShaperConfig(HiMTokConfig):
     entropy_max_rounds: int = 2
     policy_hidden: int = 32
     policy_window: int = 4  # checkpoints in the variance feature
+    # Standardise the policy's inputs by running statistics that stage 2 accumulates (see PolicyInvoker). Off: raw
+    # features, as the checkpoints trained before session 32 (their weights hold no statistics).
+    policy_normalize: bool = False
     # A fifth policy input: the answer's confidence, the lowest log-probability of a text token it chose before
     # <mt_start> (see mmseg.modeling.shaper.invoker.confidence_feature). Off: the four features of LatentMorph's
     # invoker adapted to mask tokens.
@@ -232,7 +235,8 @@ class ShaperHead(HiMTokHead):
             if config.steer_codes else None
         self.mismatch = MismatchProbe(hidden_size) if config.mismatch_probe else None
         self.policy = PolicyInvoker(config.policy_hidden,
-                                    NUM_FEATURES + int(config.policy_confidence) + int(config.mismatch_probe))
+                                    NUM_FEATURES + int(config.policy_confidence) + int(config.mismatch_probe),
+                                    normalize=config.policy_normalize)
 
     @classmethod
     def trainer(cls) -> Callable[..., dict]:

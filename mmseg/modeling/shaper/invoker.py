@@ -86,16 +86,51 @@ def invoker_features(cos_history: Sequence[float], entropy: float, window: int,
 class PolicyInvoker(nn.Module):
     """Bernoulli policy ``features (N, F) -> logits (N,)`` of invoking (``F`` = ``num_features``, 4 to 6). The last
     layer starts at zero, so an untrained policy invokes with probability 0.5 everywhere (maximal exploration for
-    stage 2)."""
+    stage 2).
 
-    def __init__(self, hidden: int = 32, num_features: int = NUM_FEATURES) -> None:
+    With ``normalize`` the features are standardised by running means and variances that stage 2 accumulates
+    (:meth:`observe`; decoding only reads them), as RL implementations normalise observations. Why: the features
+    live on scales three orders of magnitude apart (synthref-himtok, session 32, 1,061 testB decisions: the cosine
+    0.04 +- 0.03, its variance 2e-4 +- 3e-4, the confidence -0.015 +- 0.02, the entropy 0.57 +- 0.18, the mismatch
+    probe 0.49 +- 0.36), and 600 REINFORCE steps moved the policy along the two wide ones only."""
+
+    def __init__(self, hidden: int = 32, num_features: int = NUM_FEATURES, normalize: bool = False) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(num_features, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
+        self.normalize = normalize
+        if normalize:  # identity until the first observe(); saved with the weights
+            self.register_buffer("feature_count", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("feature_mean", torch.zeros(num_features, dtype=torch.float64))
+            self.register_buffer("feature_m2", torch.zeros(num_features, dtype=torch.float64))
+
+    @torch.no_grad()
+    def observe(self, features: torch.Tensor) -> None:
+        """Merge a batch of ``features (M, F)`` into the running statistics (Chan et al.'s parallel update: exact
+        for any batch sizes). No-op without ``normalize``."""
+        if not self.normalize or features.shape[0] == 0:
+            return
+        x = features.to(self.feature_mean.device, torch.float64)
+        n, mean = float(x.shape[0]), x.mean(0)
+        m2 = ((x - mean) ** 2).sum(0)
+        total = self.feature_count + n
+        delta = mean - self.feature_mean
+        self.feature_mean += delta * (n / total)
+        self.feature_m2 += m2 + delta ** 2 * self.feature_count * n / total
+        self.feature_count.copy_(total)
+
+    def standardized(self, features: torch.Tensor) -> torch.Tensor:
+        """``features (N, F)`` standardised by the running statistics (unchanged before any observe(), or without
+        ``normalize``); a feature that never varied is only centred."""
+        if not self.normalize or float(self.feature_count) < 2:
+            return features
+        std = (self.feature_m2 / (self.feature_count - 1)).sqrt()
+        std = torch.where(std > 1e-8, std, torch.ones_like(std))
+        return ((features.double() - self.feature_mean) / std).to(features.dtype)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(-1)
+        return self.mlp(self.standardized(features.float()).to(self.mlp[0].weight.dtype)).squeeze(-1)
 
     def probability(self, features: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.forward(features).float())
