@@ -148,8 +148,8 @@ def _load_weights(model: MMSegModel, folder: Path, device: str | torch.device) -
         raise CheckpointError(f"cannot read weights {folder / WEIGHTS_FILE}: {err}") from None
     if missing_keys or unexpected:
         raise CheckpointError(
-            f"weights in {folder} do not match the config: {len(missing_keys)} missing (e.g. {sorted(missing_keys)[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
+            f"weights in {folder} do not match the config: {len(missing_keys)} missing "
+            f"(e.g. {sorted(missing_keys)[:3]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
         )
 
 
