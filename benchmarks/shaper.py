@@ -101,6 +101,12 @@ def misnames(answer, sample) -> bool:
     return description is not None and description not in answer.text
 
 
+def pooled_ciou(chosen: np.ndarray) -> float:
+    """cIoU of per-sentence ``[intersection, union]`` counts ``(N, 2)``; all empty: agreement, as SegMetrics."""
+    union = chosen[:, 1].sum()
+    return float(chosen[:, 0].sum() / union) if union > 0 else 1.0
+
+
 def ceilings(stats: dict[str, np.ndarray], misnamed: np.ndarray) -> dict[str, float]:
     """The invoker's ceilings (module docstring) from per-sentence ``[intersection, union]`` pixel counts
     ``(N, 2)`` of each mode (never / always / entropy) and ``misnamed (N,)`` bool (HiMTok's answer misses its
@@ -111,22 +117,18 @@ def ceilings(stats: dict[str, np.ndarray], misnamed: np.ndarray) -> dict[str, fl
     the largest ``intersection - r * union`` (never on ties); the new choice's cIoU is the next r. It rises
     monotonically to the optimum, so the result is at least every single mode's cIoU.
     """
-    def ciou(chosen: np.ndarray) -> float:
-        union = chosen[:, 1].sum()
-        return float(chosen[:, 0].sum() / union) if union > 0 else 1.0  # all empty: agreement, as SegMetrics
-
     options = np.stack([stats[m] for m in ("never", "always", "entropy")])  # (3, N, 2)
     rows = np.arange(options.shape[1])
-    ratio = ciou(stats["never"])
+    ratio = pooled_ciou(stats["never"])
     for _ in range(100):
         chosen = options[(options[..., 0] - ratio * options[..., 1]).argmax(0), rows]  # argmax keeps the first
-        if ciou(chosen) <= ratio + 1e-12:
+        if pooled_ciou(chosen) <= ratio + 1e-12:
             break
-        ratio = ciou(chosen)
+        ratio = pooled_ciou(chosen)
     where_wrong = {m: np.where(misnamed[:, None], stats[m], stats["never"]) for m in ("always", "entropy")}
-    return {"never": ciou(stats["never"]), "best_per_sentence": ratio,
-            "always_where_misnamed": ciou(where_wrong["always"]),
-            "entropy_where_misnamed": ciou(where_wrong["entropy"]), "misnamed": int(misnamed.sum())}
+    return {"never": pooled_ciou(stats["never"]), "best_per_sentence": ratio,
+            "always_where_misnamed": pooled_ciou(where_wrong["always"]),
+            "entropy_where_misnamed": pooled_ciou(where_wrong["entropy"]), "misnamed": int(misnamed.sum())}
 
 
 PROBE_GATES = (0.5, 0.9)
@@ -153,10 +155,9 @@ def probe_figures(stats: dict[str, np.ndarray], misnamed: np.ndarray, described:
     scored = described & np.isfinite(wrong)
     out: dict[str, float | None] = {"probe_auroc": auroc(wrong[scored], misnamed[scored])}
     for gate in PROBE_GATES:
-        chosen = np.where((np.nan_to_num(wrong, nan=0.0) > gate)[:, None], stats["always"], stats["never"])
-        union = chosen[:, 1].sum()
-        out[f"always_where_probe_{gate}"] = float(chosen[:, 0].sum() / union) if union > 0 else 1.0
-        out[f"shaped_where_probe_{gate}"] = int((np.nan_to_num(wrong, nan=0.0) > gate).sum())
+        shaped = np.nan_to_num(wrong, nan=0.0) > gate
+        out[f"always_where_probe_{gate}"] = pooled_ciou(np.where(shaped[:, None], stats["always"], stats["never"]))
+        out[f"shaped_where_probe_{gate}"] = int(shaped.sum())
     return out
 
 
