@@ -682,6 +682,9 @@ def test_both_stages_run_through_mmseg_train_and_resume(synthref_root, tokenizer
         ceiling = result["ceilings"][split]  # recomputed from the runs' masks: never's must match its run
         assert ceiling["never"] == pytest.approx(runs["shaper never"][split]["ciou"])
         assert ceiling["best_per_sentence"] >= max(runs[f"shaper {m}"][split]["ciou"] for m in ("always", "entropy")) - 1e-12
+        gain = result["learned_minus_never"][split]
+        assert gain["difference"] == pytest.approx(runs["shaper learned"][split]["ciou"] - ceiling["never"])
+        assert gain["ci95_low"] <= gain["ci95_high"] and gain["sentences"] == 2
 
 
 def _benchmark():
@@ -711,6 +714,25 @@ def test_the_benchmarks_invoker_ceilings():
     always = np.array([[50, 55], [700, 1000]], dtype=float)
     out = ceilings({"never": never, "always": always, "entropy": never}, np.array([False, False]))
     assert out["best_per_sentence"] == pytest.approx(790 / 1100) and 790 / 1100 > 750 / 1055
+
+
+def test_the_benchmarks_paired_bootstrap():
+    paired_bootstrap = _benchmark().paired_bootstrap
+    rng = np.random.default_rng(0)
+    union = rng.integers(50, 150, size=(400, 1)).astype(float)
+    base = np.hstack([union * rng.uniform(0.3, 0.9, size=(400, 1)), union])
+    same = paired_bootstrap(base, base)
+    assert same["difference"] == 0 and same["ci95_low"] == same["ci95_high"] == 0 and same["share_positive"] == 0
+    better = base + np.array([5.0, 0.0])  # 5 more pixels right on every sentence: a gain every resample sees
+    out = paired_bootstrap(better, base)
+    assert out["difference"] == pytest.approx(2000 / base[:, 1].sum())
+    assert 0 < out["ci95_low"] <= out["difference"] <= out["ci95_high"] and out["share_positive"] == 1.0
+    # a gain on one sentence in 400 and a loss on another: the interval straddles zero
+    mixed = base.copy()
+    mixed[0, 0] += 30
+    mixed[1, 0] -= 25
+    wide = paired_bootstrap(mixed, base)
+    assert wide["ci95_low"] < 0 < wide["ci95_high"] and paired_bootstrap(mixed, base) == wide  # seeded: repeatable
 
 
 def test_the_benchmarks_mismatch_probe_figures():
