@@ -273,6 +273,23 @@ def test_policy_input_normalisation_is_exact_saved_and_off_by_default():
     assert torch.equal(reloaded(features), policy(features))
 
 
+def test_a_half_precision_checkpoint_keeps_the_invokers_statistics_exact(tokenizer_dir, tmp_path):
+    """save_pretrained(dtype=bf16) halves the weights but keeps float64 statistics float64: a count of 300,001
+    decisions in bf16 would read 299,008."""
+    from mmseg.modeling.builder import load_pretrained
+
+    himtok, proc = _model(tokenizer_dir, seed=2)
+    shaper = shaper_from_himtok(himtok, proc, {"policy_normalize": True, "invoke": "learned"})
+    policy = shaper.head.policy
+    policy.observe(torch.randn(300_001, policy.feature_mean.numel()) * 0.03 + 0.5)
+    Segmenter(shaper, proc).save_pretrained(tmp_path, dtype=torch.bfloat16)
+    loaded = load_pretrained(tmp_path)[0].head.policy
+    for name in ("feature_count", "feature_mean", "feature_m2"):
+        assert getattr(loaded, name).dtype == torch.float64 and torch.equal(getattr(loaded, name), getattr(policy, name))
+    assert not torch.equal(loaded.mlp[0].weight, policy.mlp[0].weight)  # the weights did go through bf16
+    torch.testing.assert_close(loaded.mlp[0].weight, policy.mlp[0].weight, atol=1e-2, rtol=1e-2)
+
+
 def test_policy_rollouts_force_the_answer_up_to_the_mask(pair, synthref_root):
     """Stage 2 trains the mask-token decoding: the answer text is forced up to <mt_start> (generate's
     answer_prefix), so even an untrained model opens a mask and the sampled policy decides at its checkpoints."""

@@ -237,6 +237,13 @@ class MMSegModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         payload = {"mmseg_version": __version__, "architecture": "MMSegModel", "model": self.saved_config().to_dict()}
         (folder / CONFIG_FILE).write_text(json.dumps(payload, indent=2, default=list))
-        to_save = self if dtype is None else copy.deepcopy(self).to(dtype)
+        to_save = self
+        if dtype is not None:
+            # float64 tensors are running statistics kept in float64 on purpose (the shaper invoker's input
+            # standardisation counts ~10^5 decisions): they stay float64, every other float tensor takes ``dtype``
+            to_save = copy.deepcopy(self)
+            for tensor in (*to_save.parameters(), *to_save.buffers()):
+                if tensor.is_floating_point() and tensor.dtype != torch.float64:
+                    tensor.data = tensor.data.to(dtype)
         save_model(to_save, str(folder / WEIGHTS_FILE))  # handles tied embeddings
         self.head.save_assets(folder)
