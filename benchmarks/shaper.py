@@ -106,10 +106,14 @@ def misnames(answer, sample) -> bool:
     return description is not None and description not in answer.text
 
 
+def pooled_ratio(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """Elementwise cIoU of pooled pixel sums; an empty union is agreement (1.0), as SegMetrics."""
+    return np.where(union > 0, intersection / np.maximum(union, 1e-12), 1.0)
+
+
 def pooled_ciou(chosen: np.ndarray) -> float:
-    """cIoU of per-sentence ``[intersection, union]`` counts ``(N, 2)``; all empty: agreement, as SegMetrics."""
-    union = chosen[:, 1].sum()
-    return float(chosen[:, 0].sum() / union) if union > 0 else 1.0
+    """cIoU of per-sentence ``[intersection, union]`` counts ``(N, 2)``."""
+    return float(pooled_ratio(chosen[:, 0].sum(), chosen[:, 1].sum()))
 
 
 def ceilings(stats: dict[str, np.ndarray], misnamed: np.ndarray) -> dict[str, float]:
@@ -143,11 +147,10 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, rounds: int = 2000, seed: int
     n = len(a)
     weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=rounds).astype(np.float64)
 
-    def ratio(counts: np.ndarray) -> np.ndarray:  # (rounds,) pooled cIoU per resample; all empty: agreement
-        inter, union = weights @ counts[:, 0], weights @ counts[:, 1]
-        return np.where(union > 0, inter / np.maximum(union, 1e-12), 1.0)
+    def resampled(counts: np.ndarray) -> np.ndarray:  # (rounds,) the pooled cIoU of each resample
+        return pooled_ratio(weights @ counts[:, 0], weights @ counts[:, 1])
 
-    diffs = ratio(a) - ratio(b)
+    diffs = resampled(a) - resampled(b)
     low, high = np.percentile(diffs, [2.5, 97.5])
     return {"difference": pooled_ciou(a) - pooled_ciou(b), "ci95_low": float(low), "ci95_high": float(high),
             "share_positive": float((diffs > 0).mean()), "sentences": n}
